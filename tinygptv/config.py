@@ -1,0 +1,200 @@
+# Dataclass configs for every component of the data path (vision tower, Q-Former, projector, LLM, LoRA, template)
+# and the named presets. A config is saved as config.json beside every checkpoint, so checkpoints describe themselves.
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinygptv.registry import Registry
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder. Defaults are EVA-CLIP ViT-g/14 as BLIP-2 and TinyGPT-V use it (39 of its 40 blocks)."""
+
+    name: str = "eva_vit_g"  # key in tinygptv.model.vision.VISION_TOWERS
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1408
+    depth: int = 39
+    heads: int = 16
+    mlp_dim: int = 6144
+    layer_norm_eps: float = 1e-6
+    # Grid size the position embedding was trained at; a different image_size bicubic-interpolates it.
+    pretrain_image_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass
+class QFormerConfig:
+    """BLIP-2 Q-Former (BERT-base sizes) with learned queries; cross-attention every `cross_attention_frequency` layers
+    starting at layer 0; only the query feed-forward path exists."""
+
+    num_query_tokens: int = 32
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    ln_vision_eps: float = 1e-5  # `ln_vision`, the LayerNorm between the vision tower and the Q-Former
+
+
+@dataclass
+class ProjectorConfig:
+    """`llama_proj` (Q-Former width -> hidden_size) then `llama_proj2` (hidden_size -> LLM width), with biases and no
+    activation between them, as in the official model."""
+
+    hidden_size: int = 4096
+
+
+@dataclass
+class LLMConfig:
+    """The causal LM with TinyGPT-V's extra norms. Defaults are Phi-2 (2.7B)."""
+
+    name: str = "phi"  # key in tinygptv.model.llm.LLM_ADAPTERS
+    vocab_size: int = 51200
+    hidden_size: int = 2560
+    num_layers: int = 32
+    num_heads: int = 32
+    intermediate_size: int = 10240
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.4
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.0
+    attention_dropout: float = 0.0
+    # TinyGPT-V's additions: per-head LayerNorm on Q and K (shared across heads, before RoPE) and an RMSNorm on the
+    # attention-branch output.
+    qk_layernorm: bool = True
+    attn_output_rmsnorm: bool = True
+    rmsnorm_eps: float = 1e-6
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: int = 50256
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA through peft. r = 0 means no LoRA (stage 1)."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("query_key_value", "dense")
+
+
+@dataclass
+class PromptConfig:
+    """How text around the image is built. `template` is a key in tinygptv.data.templates.TEMPLATES."""
+
+    template: str = "stage3"
+    end_sym: str = "###"
+    max_txt_len: int = 160
+    # Training always prepends one <|endoftext|> embedding (as the official code does). The official inference does
+    # not; models converted from the official release keep that (False), models we train ourselves use True.
+    bos_at_inference: bool = False
+
+
+@dataclass
+class TinyGPTVConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    # Where the frozen base weights of a checkpoint that stores only trainable weights come from: a folder in our
+    # format or a Hub id. None when model.safetensors holds every weight.
+    base_model: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TinyGPTVConfig":
+        return _build(cls, data, "config")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TinyGPTVConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    """Rebuild nested dataclasses from a dict, naming the unknown field on a typo instead of ignoring it."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        sub = default() if default is not None else None
+        if dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(type(sub), value, f"{where}.{name}")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+# --- presets --------------------------------------------------------------------------------------------------------
+
+PRESETS: Registry = Registry("preset")
+
+
+def _stage(lora_r: int, image_size: int, template: str, end_sym: str, max_txt_len: int) -> TinyGPTVConfig:
+    return TinyGPTVConfig(
+        vision=VisionConfig(image_size=image_size),
+        lora=LoRAConfig(r=lora_r),
+        prompt=PromptConfig(template=template, end_sym=end_sym, max_txt_len=max_txt_len),
+    )
+
+
+# Spec 5.2: stage 1 trains no LoRA (the released checkpoint has none), stages 2-4 use r 64 / alpha 16.
+PRESETS.register("tinygptv-stage1", lambda: _stage(0, 224, "none", "\n", 32))
+PRESETS.register("tinygptv-stage2", lambda: _stage(64, 224, "none", "\n", 32))
+PRESETS.register("tinygptv-stage3", lambda: _stage(64, 224, "stage3", "###", 160))
+PRESETS.register("tinygptv-stage4", lambda: _stage(64, 448, "stage4", "###", 1024))
+
+
+def _tiny() -> TinyGPTVConfig:
+    """Same architecture, a few MB, random weights: for tests and for trying the CLI without any download."""
+    return TinyGPTVConfig(
+        vision=VisionConfig(image_size=28, patch_size=7, width=32, depth=2, heads=2, mlp_dim=64, pretrain_image_size=28),
+        qformer=QFormerConfig(num_query_tokens=4, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        projector=ProjectorConfig(hidden_size=48),
+        llm=LLMConfig(
+            vocab_size=320, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+            max_position_embeddings=512, bos_token_id=256, eos_token_id=256, pad_token_id=256,
+        ),
+        lora=LoRAConfig(r=4, alpha=8),
+        prompt=PromptConfig(template="stage3", end_sym="###", max_txt_len=64, bos_at_inference=True),
+    )
+
+
+PRESETS.register("tiny", _tiny)
+
+
+def preset(name: str) -> TinyGPTVConfig:
+    return PRESETS[name]()

@@ -1,0 +1,1 @@
+"""Data side: image preprocessing, prompt templates, datasets."""

@@ -1,0 +1,30 @@
+# LoRA through peft, injected in place into the LLM (no PeftModel wrapper, so module paths stay those of the LM).
+# Data path: it changes the LLM's attention projections only (QKV and output, r 64, alpha 16 in TinyGPT-V).
+from __future__ import annotations
+
+import re
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from torch import nn
+
+from tinygptv.config import LoRAConfig
+
+
+def add_lora(llm: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    if cfg.r <= 0:
+        return llm
+    # Anchor on the attention block so a module named like a target elsewhere (an MLP "dense") is never wrapped.
+    targets = "|".join(re.escape(t) for t in cfg.target_modules)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=rf".*\.self_attn\.({targets})",
+        bias="none",
+    )
+    return inject_adapter_in_model(peft_cfg, llm)
+
+
+def is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name

@@ -1,0 +1,280 @@
+# The composite model: vision tower -> ln_vision + Q-Former -> projector -> image embeddings spliced into the LLM's
+# input at each <ImageHere>. One path serves training (loss on the answer span) and generation.
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from tinygptv.checkpoint.hub import resolve_model_dir
+from tinygptv.checkpoint.native import collect_state, load_into, save_pretrained
+from tinygptv.config import TinyGPTVConfig
+from tinygptv.data.templates import IMAGE_PLACEHOLDER
+from tinygptv.model.llm import LLM_ADAPTERS, build_llm
+from tinygptv.model.lora import add_lora, is_lora_param
+from tinygptv.model.projector import Projector
+from tinygptv.model.qformer import QFormerConnector
+from tinygptv.model.vision import build_vision_tower
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelInputs:
+    inputs_embeds: torch.Tensor  # [B, L, D]
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor | None = None  # [B, L], IGNORE_INDEX outside the answer span
+
+
+class TinyGPTV(nn.Module):
+    """Knows nothing of datasets or training loops: it turns (pixels, prompt text, optional answers) into a loss or
+    into generated text. The tokenizer travels with the model because splicing needs it."""
+
+    def __init__(self, config: TinyGPTVConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.visual_encoder = build_vision_tower(config.vision)
+        self.connector = QFormerConnector(config.qformer, self.visual_encoder.num_features)
+        self.projector = Projector(config.qformer.hidden_size, config.projector.hidden_size, config.llm.hidden_size)
+        self.llm = add_lora(build_llm(config.llm), config.lora)
+        self.freeze_as_official()
+
+    # --- our checkpoint format ---------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory, *, trainable_only: bool = False, base_model: str | None = None):
+        """config.json + model.safetensors + tokenizer files. trainable_only keeps just the weights that train
+        (projections, norms, LoRA) and records base_model, the folder or Hub id that supplies the rest."""
+        return save_pretrained(self, directory, trainable_only=trainable_only, base_model=base_model)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, revision: str | None = None,
+                        dtype: torch.dtype | None = None) -> "TinyGPTV":
+        """A folder of ours or a Hub id. Built on the meta device and filled from the file, so loading never holds a
+        second, randomly initialised copy of the weights."""
+        directory = resolve_model_dir(name_or_path, revision)
+        config, state = collect_state(directory)
+        tokenizer = load_tokenizer(directory)
+        with torch.device("meta"):
+            model = cls(config, tokenizer)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            model.to(dtype)
+        load_into(model, state, str(directory))
+        model.freeze_as_official()
+        return model.eval()
+
+    # --- which weights train ----------------------------------------------------------------------------------------
+
+    def trainable_names(self) -> set[str]:
+        """TinyGPT-V's trainable set (spec 2.4): both projections, the LLM's norm weights and LoRA. The vision tower,
+        ln_vision, the Q-Former, every pretrained LLM weight and every norm bias stay frozen."""
+        norms = LLM_ADAPTERS[self.config.llm.name].trainable_norms
+        names = set()
+        for name, _ in self.named_parameters():
+            if name.startswith("projector.") or is_lora_param(name):
+                names.add(name)
+            elif name.startswith("llm.") and name.endswith(norms):
+                names.add(name)
+        return names
+
+    def freeze_as_official(self) -> None:
+        trainable = self.trainable_names()
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in trainable)
+        self.visual_encoder.eval()
+
+    # --- the data path ----------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector.llama_proj.weight.device
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values [B, 3, S, S] -> image embeddings [B, Q, D_llm]
+        image_tokens = self.visual_encoder(pixel_values.to(self.device))  # [B, N, Dv]
+        queries = self.connector(image_tokens)  # [B, Q, Dq]
+        return self.projector(queries).to(self.llm_dtype)
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        ids_t = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        return self.llm.get_input_embeddings()(ids_t)  # [T, D]
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer; load it with TinyGPTV.from_pretrained or pass one")
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def build_inputs(
+        self,
+        prompts: Sequence[str],
+        image_embeds: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        answers: Sequence[str] | None = None,
+        *,
+        add_bos: bool = True,
+        padding_side: str = "right",
+    ) -> ModelInputs:
+        """Split each prompt at <ImageHere>, embed the text pieces, splice the sample's images in order, then append
+        the answer (+ end_sym, cut at max_txt_len tokens) whose tokens alone carry labels. With add_bos the sequence
+        starts with one <|endoftext|> embedding, as in the official training."""
+        cfg = self.config
+        n = len(prompts)
+        if answers is not None and len(answers) != n:
+            raise ValueError(f"{n} prompts but {len(answers)} answers")
+        images = _per_sample_images(image_embeds, n)
+        pad_id = cfg.llm.pad_token_id
+        rows, labels = [], []
+        for i, prompt in enumerate(prompts):
+            pieces = prompt.split(IMAGE_PLACEHOLDER)
+            sample_images = images[i]
+            if len(pieces) - 1 != len(sample_images):
+                raise ValueError(
+                    f"prompt {i} has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but {len(sample_images)} "
+                    f"image(s) were given: {prompt!r}"
+                )
+            parts = [self.embed_ids([cfg.llm.bos_token_id])] if add_bos else []
+            for j, piece in enumerate(pieces):
+                if piece:
+                    parts.append(self.embed_ids(self.tokenize(piece)))
+                if j < len(sample_images):
+                    parts.append(sample_images[j].to(self.device, self.llm_dtype))
+            prompt_len = sum(p.shape[0] for p in parts)
+            label = [IGNORE_INDEX] * prompt_len
+            if answers is not None:
+                answer_ids = self.tokenize(answers[i] + cfg.prompt.end_sym)[: cfg.prompt.max_txt_len]
+                if answer_ids:
+                    parts.append(self.embed_ids(answer_ids))
+                label += answer_ids
+            rows.append(torch.cat(parts, dim=0))
+            labels.append(label)
+        return self._pad(rows, labels if answers is not None else None, pad_id, padding_side)
+
+    def _pad(self, rows, labels, pad_id: int, side: str) -> ModelInputs:
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
+        longest = max(r.shape[0] for r in rows)
+        pad_embed = self.embed_ids([pad_id])  # [1, D]: the official code pads with the pad token's embedding
+        embeds, masks, label_rows = [], [], []
+        for i, row in enumerate(rows):
+            missing = longest - row.shape[0]
+            pad = pad_embed.expand(missing, -1)
+            mask = torch.ones(row.shape[0], dtype=torch.long, device=self.device)
+            zeros = torch.zeros(missing, dtype=torch.long, device=self.device)
+            if side == "right":
+                embeds.append(torch.cat([row, pad]))
+                masks.append(torch.cat([mask, zeros]))
+            else:
+                embeds.append(torch.cat([pad, row]))
+                masks.append(torch.cat([zeros, mask]))
+            if labels is not None:
+                fill = [IGNORE_INDEX] * missing
+                label_rows.append(labels[i] + fill if side == "right" else fill + labels[i])
+        label_tensor = None
+        if labels is not None:
+            label_tensor = torch.tensor(label_rows, dtype=torch.long, device=self.device)
+        return ModelInputs(torch.stack(embeds), torch.stack(masks), label_tensor)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None,
+        prompts: Sequence[str],
+        answers: Sequence[str] | None = None,
+    ):
+        """Training / scoring path: returns transformers' CausalLMOutputWithPast (loss over the answer tokens)."""
+        image_embeds = self.encode_image(pixel_values) if pixel_values is not None else None
+        inputs = self.build_inputs(prompts, image_embeds, answers, add_bos=True, padding_side="right")
+        return self.llm(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, labels=inputs.labels
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None,
+        prompts: Sequence[str],
+        *,
+        image_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        max_new_tokens: int = 300,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        num_beams: int = 1,
+        repetition_penalty: float = 1.0,
+        stop_strings: Sequence[str] | None = None,
+        streamer=None,
+    ) -> list[str]:
+        """Greedy, sampling (temperature, top-p) or beam search with the KV cache of transformers' generate(). Prompts
+        are left-padded so a batch decodes together. Each answer is cut at the first stop string (default end_sym)."""
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = self.encode_image(pixel_values)
+        inputs = self.build_inputs(
+            prompts, image_embeds, add_bos=self.config.prompt.bos_at_inference, padding_side="left"
+        )
+        stops = list(stop_strings) if stop_strings is not None else [self.config.prompt.end_sym]
+        stops = [s for s in stops if s.strip()]
+        gen_kwargs = dict(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            pad_token_id=self.config.llm.pad_token_id,
+            eos_token_id=self.config.llm.eos_token_id,
+            bos_token_id=self.config.llm.bos_token_id,
+            streamer=streamer,
+        )
+        if do_sample:
+            gen_kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stops:
+            gen_kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        out = self.llm.generate(**gen_kwargs)  # [B, new tokens]: with inputs_embeds only new tokens come back
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [cut_at_stop(t, stops).strip() for t in texts]
+
+
+def load_tokenizer(directory):
+    from transformers import AutoTokenizer
+
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = len(text)
+    for stop in stops:
+        at = text.find(stop)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def _per_sample_images(image_embeds, n: int) -> list[list[torch.Tensor]]:
+    """Normalise image input to one list of [Q, D] tensors per sample: a [B, Q, D] tensor is one image per sample,
+    a sequence gives each sample its own [k, Q, D] (or [Q, D]) stack, None means text only."""
+    if image_embeds is None:
+        return [[] for _ in range(n)]
+    if isinstance(image_embeds, torch.Tensor):
+        if image_embeds.dim() != 3 or image_embeds.shape[0] != n:
+            raise ValueError(f"expected image embeddings [B={n}, Q, D], got {tuple(image_embeds.shape)}")
+        return [[image_embeds[i]] for i in range(n)]
+    if len(image_embeds) != n:
+        raise ValueError(f"{n} prompts but images for {len(image_embeds)} samples")
+    out = []
+    for e in image_embeds:
+        if e is None:
+            out.append([])
+        elif e.dim() == 2:
+            out.append([e])
+        else:
+            out.append(list(e))
+    return out
