@@ -33,14 +33,14 @@ class ImageProcessor:
         return torch.stack([self._one(image) for image in images])  # [B, 3, S, S]
 
     def _one(self, image: ImageInput) -> torch.Tensor:
-        image = _open(image) if isinstance(image, (str, Path)) else image
+        image = open_image(image) if isinstance(image, (str, Path)) else image
         image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # [S, S, 3] uint8
         pixels = pixels.permute(2, 0, 1).to(torch.float32) / 255.0  # [3, S, S] in [0, 1]
         return (pixels - self.mean) / self.std  # [3, S, S]
 
 
-def _open(path: str | Path) -> Image.Image:
+def open_image(path: str | Path) -> Image.Image:
     """Open and decode now, so a bad file fails here with its path instead of deep inside a batch."""
     path = Path(path)
     if not path.is_file():

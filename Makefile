@@ -1,0 +1,31 @@
+# Set-up, tests and the demo. Everything the project needs is installed here, into .venv.
+# torch comes first as `torch==2.13.0` (a CPU wheel on our machines); pyproject's range is then already met, so pip
+# never pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	@echo "== parameter counts of the full-size TinyGPT-V (stage 3), computed without allocating it =="
+	$(VENV)/bin/tinygptv info --preset tinygptv-stage3
+	@echo
+	@echo "== the main job, end to end on the random 'tiny' preset (no trained default model ships yet) =="
+	$(VENV)/bin/tinygptv ask --model tiny --image examples/red_circle.png "What colour is the shape?" --max-new-tokens 24
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,88 @@
+# The main job, `tinygptv ask` and `tinygptv chat`: one image, a conversation in the model's template, answers
+# streamed as they are generated. The image is encoded once and its embeddings reused on every turn.
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+import torch
+
+from tinygptv.data.templates import TEMPLATES, Conversation, with_task
+from tinygptv.model.streaming import stream_generate
+from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.serve.loading import image_processor_for
+
+
+class ChatSession:
+    """One conversation about at most one image. `template` defaults to the model's inference template: the official
+    stage-3 demo format for stage-3 models, the training template otherwise."""
+
+    def __init__(self, model: TinyGPTV, template: str | None = None, **generate_kwargs):
+        self.model = model
+        self.processor = image_processor_for(model)
+        self.template = TEMPLATES[template or default_template(model)]
+        self.generate_kwargs = generate_kwargs
+        self.image_embeds: torch.Tensor | None = None  # [1, Q, D], cached across turns
+        self.reset()
+
+    def reset(self) -> None:
+        self.conversation = Conversation(self.template, end_sym=self.model.config.prompt.end_sym)
+
+    def set_image(self, image) -> None:
+        pixels = self.processor(image)
+        with torch.inference_mode():
+            self.image_embeds = self.model.encode_image(pixels)
+        self.reset()
+
+    def ask(self, question: str, task: str | None = None, on_text: Callable[[str], None] | None = None) -> str:
+        first = not self.conversation.turns
+        self.conversation.add_user(with_task(question, task), with_image=first and self.image_embeds is not None)
+        images = [self.image_embeds[0] if self.image_embeds is not None else None]
+        prompt = self.conversation.prompt()
+        pieces = stream_generate(self.model, None, prompt, on_text=on_text, image_embeds=images,
+                                 **self.generate_kwargs)
+        answer = "".join(pieces).strip()
+        self.conversation.add_answer(answer)
+        return answer
+
+
+def default_template(model: TinyGPTV) -> str:
+    name = model.config.prompt.template
+    return {"stage3": "stage3-demo", "none": "stage3-demo"}.get(name, name)
+
+
+HELP = "commands: /image PATH (new image, new conversation), /reset (forget the conversation), /quit"
+
+
+def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, task: str | None = None):
+    """A line-based loop, so it works the same in a terminal, a pipe and a test."""
+    print(HELP, file=stdout, flush=True)
+    while True:
+        print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            print(file=stdout)
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            session.reset()
+            print("(conversation reset)", file=stdout, flush=True)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                session.set_image(path)
+                print(f"(image {path} loaded; new conversation)", file=stdout, flush=True)
+            except (OSError, ValueError) as e:
+                print(f"error: {e}", file=stdout, flush=True)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {HELP}", file=stdout, flush=True)
+            continue
+        print("tinygptv> ", end="", file=stdout, flush=True)
+        session.ask(line, task=task, on_text=lambda t: print(t, end="", file=stdout, flush=True))
+        print(file=stdout, flush=True)
