@@ -114,6 +114,23 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from tinygptv.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from tinygptv.train.plan import format_plan, plan_memory
+
+        plan = plan_memory(recipe)
+        print(json.dumps(plan, indent=2) if args.json else format_plan(plan, args.card_gb))
+        return 0
+    from tinygptv.train.loop import Trainer
+
+    trainer = Trainer(recipe, resume=None if args.resume == "none" else args.resume)
+    trainer.train(max_steps=args.max_steps)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tinygptv.config import PRESETS
 
@@ -161,6 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "and template; read from the file when possible)")
     p.add_argument("--image-size", type=int, help="override the image size (224 for stages 1-3, 448 for stage 4)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "train", help="train a stage from a recipe file",
+        description="Train from a recipe (configs/*.yaml): the model to start from, datasets and sample ratios, "
+                    "schedule, and which components train. Overrides are key.path=value (e.g. "
+                    "schedule.init_lr=3e-5 datasets.0.batch_size=2). Checkpoints go to output_dir; an interrupted "
+                    "run continues from its last checkpoint. Under torchrun the same command trains with DDP.")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*", help="key.path=value changes to the recipe")
+    p.add_argument("--dry-run", action="store_true", help="print the expected GPU memory and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
+    p.add_argument("--card-gb", type=float, default=24.0, help="with --dry-run: GPU size to compare against")
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (last checkpoint in output_dir, if any), a checkpoint folder, or 'none'")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

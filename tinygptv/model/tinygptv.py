@@ -115,14 +115,17 @@ class TinyGPTV(nn.Module):
         self,
         prompts: Sequence[str],
         image_embeds: Sequence[torch.Tensor] | torch.Tensor | None = None,
-        answers: Sequence[str] | None = None,
+        answers: Sequence[str | Sequence[tuple[str, bool]]] | None = None,
         *,
         add_bos: bool = True,
         padding_side: str = "right",
     ) -> ModelInputs:
         """Split each prompt at <ImageHere>, embed the text pieces, splice the sample's images in order, then append
         the answer (+ end_sym, cut at max_txt_len tokens) whose tokens alone carry labels. With add_bos the sequence
-        starts with one <|endoftext|> embedding, as in the official training."""
+        starts with one <|endoftext|> embedding, as in the official training.
+
+        An answer may also be a list of (text, supervised) segments for multi-turn samples: answer turns (with their
+        end_sym already added) are supervised, follow-up questions are not; the whole tail is cut at max_txt_len."""
         cfg = self.config
         n = len(prompts)
         if answers is not None and len(answers) != n:
@@ -147,13 +150,24 @@ class TinyGPTV(nn.Module):
             prompt_len = sum(p.shape[0] for p in parts)
             label = [IGNORE_INDEX] * prompt_len
             if answers is not None:
-                answer_ids = self.tokenize(answers[i] + cfg.prompt.end_sym)[: cfg.prompt.max_txt_len]
+                answer_ids, answer_labels = self._answer_tokens(answers[i])
                 if answer_ids:
                     parts.append(self.embed_ids(answer_ids))
-                label += answer_ids
+                label += answer_labels
             rows.append(torch.cat(parts, dim=0))
             labels.append(label)
         return self._pad(rows, labels if answers is not None else None, pad_id, padding_side)
+
+    def _answer_tokens(self, answer) -> tuple[list[int], list[int]]:
+        segments = [(answer + self.config.prompt.end_sym, True)] if isinstance(answer, str) else answer
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, supervised in segments:
+            seg = self.tokenize(text)
+            ids += seg
+            labels += seg if supervised else [IGNORE_INDEX] * len(seg)
+        cut = self.config.prompt.max_txt_len
+        return ids[:cut], labels[:cut]
 
     def _pad(self, rows, labels, pad_id: int, side: str) -> ModelInputs:
         if side not in ("left", "right"):
@@ -184,10 +198,14 @@ class TinyGPTV(nn.Module):
         self,
         pixel_values: torch.Tensor | None,
         prompts: Sequence[str],
-        answers: Sequence[str] | None = None,
+        answers: Sequence[str | Sequence[tuple[str, bool]]] | None = None,
+        *,
+        image_embeds: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     ):
-        """Training / scoring path: returns transformers' CausalLMOutputWithPast (loss over the answer tokens)."""
-        image_embeds = self.encode_image(pixel_values) if pixel_values is not None else None
+        """Training / scoring path: returns transformers' CausalLMOutputWithPast (loss over the answer tokens).
+        Pass image_embeds instead of pixel_values when only some samples have an image."""
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = self.encode_image(pixel_values)
         inputs = self.build_inputs(prompts, image_embeds, answers, add_bos=True, padding_side="right")
         return self.llm(
             inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, labels=inputs.labels

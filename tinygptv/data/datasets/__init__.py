@@ -1,0 +1,40 @@
+# The dataset readers of the four training stages and their registry (DATASETS, build_dataset).
+# Data path: dataset files -> [readers in this package] -> Sample -> batch builder -> model.
+"""Dataset readers for the four TinyGPT-V training stages.
+
+Each reader turns one dataset, in its publisher's file layout, into `Sample`s (image path, (instruction, answer)
+turns, task tag). Names in `DATASETS` are the official config keys:
+
+stage 1-2  laion, cc_sbu (webdataset shards, iterable)
+stage 3    cc_sbu_align
+stage 4    llava_conversation, multitask_conversation, llava_detail, llava_reason, unnatural_instruction,
+           coco_vqa, ok_vqa, aok_vqa, gqa, ocrvqa, textcaps_caption, coco_caption,
+           refcoco, refcoco+ (alias refcocop), refcocog, invrefcoco, invrefcoco+ (invrefcocop), invrefcocog, refvg,
+           flickr_grounded_caption, flickr_CaptionToPhrase, flickr_ObjectToPhrase
+ours       llava_json (LLaVA-style fine-tuning JSON)
+
+    ds = build_dataset("coco_vqa", ann_path=["vqa_train.json", "vqa_val.json"], image_root="coco/train2014", seed=42)
+    ds.set_epoch(3); sample = ds[17]
+
+Map-style readers are deterministic given (seed, index, epoch); see base.RecordDataset.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# importing the reader modules registers their datasets
+from tinygptv.data.datasets import (captions, flickr, llava, refer, unnatural, visual_genome,  # noqa: F401
+                                   vqa, webdataset)
+from tinygptv.data.datasets.base import DATASETS, RecordDataset
+from tinygptv.data.datasets.sample import DatasetError, Sample
+from tinygptv.data.datasets.text import blip_caption, box_text
+from tinygptv.data.datasets.webdataset import CaptionShards
+
+
+def build_dataset(name: str, **kwargs: Any):
+    """The dataset a recipe names, built from the recipe's keyword arguments (e.g. ann_path, image_root, seed)."""
+    return DATASETS[name](**kwargs)
+
+
+__all__ = ["DATASETS", "CaptionShards", "DatasetError", "RecordDataset", "Sample", "blip_caption", "box_text",
+           "build_dataset"]

