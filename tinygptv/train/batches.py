@@ -32,19 +32,23 @@ class PromptRenderer:
     markup, wrapped in the template; answers closed by end_sym; each follow-up question preceded by the EOS text
     and left unsupervised. A caption-only sample (instruction None) is just the image."""
 
-    def __init__(self, template: Template, end_sym: str, image_prompt: str, eos_text: str):
+    def __init__(self, template: Template, end_sym: str, image_prompt: str, eos_text: str,
+                 instruction_suffix: str = ""):
         self.template, self.end_sym, self.image_prompt, self.eos_text = template, end_sym, image_prompt, eos_text
+        self.suffix = instruction_suffix
 
     def __call__(self, sample: Sample, has_image: bool) -> tuple[str, list[tuple[str, bool]]]:
         (first_q, first_a), rest = sample.turns[0], sample.turns[1:]
         if first_q is None:
             prompt = "<ImageHere>" if has_image else ""
         else:
-            text = self.image_prompt.format(first_q) if has_image else first_q
+            # the official stage-4 readers end image instructions and follow-up questions with a space, not
+            # text-only ones: instruction_suffix reproduces that where a recipe asks for it
+            text = self.image_prompt.format(first_q + self.suffix) if has_image else first_q
             prompt = self.template.turn.format(text)
         segments = [(first_a + self.end_sym, True)]
         for question, answer in rest:
-            segments.append((self.eos_text + self.template.turn.format(question), False))
+            segments.append((self.eos_text + self.template.turn.format(question + self.suffix), False))
             segments.append((answer + self.end_sym, True))
         return prompt, segments
 
@@ -73,8 +77,9 @@ class MixedBatches:
         self.names = list(datasets)
         self.state = StreamState()
         self._orders: dict[tuple[str, int], list[int]] = {}
+        self._iters: dict[str, Any] = {}
         for name, ds in datasets.items():
-            if len(ds) < batch_sizes[name]:
+            if hasattr(ds, "__len__") and len(ds) < batch_sizes[name]:
                 raise DatasetError(f"dataset {name!r} has {len(ds)} usable records, fewer than its batch size "
                                    f"{batch_sizes[name]}")
             if batch_sizes[name] % world_size:
@@ -101,13 +106,46 @@ class MixedBatches:
         rng = random.Random(f"{self.seed}:choose:{step}")
         return rng.choices(self.names, weights=[self.ratios[n] for n in self.names])[0]
 
+    def _streamed(self, name: str) -> bool:
+        return not hasattr(self.datasets[name], "__len__")
+
+    def _next_streamed(self, name: str) -> tuple[int, Sample]:
+        """Webdataset shards have no length: read on, and start the next pass (set_epoch) when one ends. After a
+        resume the current pass is re-read up to the saved cursor."""
+        ds = self.datasets[name]
+        while True:
+            if name not in self._iters:
+                ds.set_epoch(self.state.epochs.get(name, 0))
+                self._iters[name] = iter(ds)
+                for _ in range(self.state.cursors.get(name, 0)):
+                    next(self._iters[name])
+            try:
+                sample = next(self._iters[name])
+            except StopIteration:
+                del self._iters[name]
+                self._next_pass(name)
+                continue
+            cursor = self.state.cursors.get(name, 0)
+            self.state.cursors[name] = cursor + 1
+            return cursor, sample
+
     def next_batch(self) -> Batch:
         name = self.choose(self.state.step)
         self.state.step += 1
         size = self.batch_sizes[name]
+        if self._streamed(name):
+            samples = []
+            while len(samples) < size:
+                index, sample = self._next_streamed(name)
+                loaded = self._load(name, index, sample)
+                if loaded is not None:
+                    samples.append(loaded)
+            per_rank = size // self.world_size
+            return self._collate(name, samples[self.rank * per_rank:(self.rank + 1) * per_rank])
         if len(self._order(name)) - self.state.cursors.get(name, 0) < size:
             self._next_pass(name)  # drop_last: a batch does not mix the end of one pass with the next
         samples: list[tuple[int, Sample, Any]] = []
+        bad = 0
         while len(samples) < size:
             order, cursor = self._order(name), self.state.cursors.get(name, 0)
             if cursor >= len(order):  # only reachable when bad records were skipped
@@ -117,14 +155,18 @@ class MixedBatches:
             loaded = self._load(name, order[cursor])
             if loaded is not None:
                 samples.append(loaded)
+            else:
+                bad += 1
+                if bad > len(order):
+                    raise DatasetError(f"dataset {name!r}: every record read in a whole pass was bad")
         per_rank = size // self.world_size
         return self._collate(name, samples[self.rank * per_rank:(self.rank + 1) * per_rank])
 
-    def _load(self, name: str, index: int):
+    def _load(self, name: str, index: int, sample: Sample | None = None):
         """Read one record and open its image. A bad one stops the run with its dataset, file and record, or is
         counted and skipped (on_bad_record: skip)."""
         try:
-            sample = self.datasets[name][index]
+            sample = self.datasets[name][index] if sample is None else sample
             pixels = self.processor(sample.image) if sample.image is not None else None
             return index, sample, pixels
         except (DatasetError, OSError, ValueError) as e:
@@ -152,3 +194,4 @@ class MixedBatches:
 
     def load_state_dict(self, d: dict) -> None:
         self.state = StreamState(d["step"], dict(d["cursors"]), dict(d["epochs"]), dict(d["skipped"]))
+        self._iters.clear()

@@ -83,7 +83,7 @@ class Trainer:
             datasets[key] = DATASETS[entry.name](**{"seed": r.seed, **entry.args})
             ratios[key], sizes[key] = entry.sample_ratio, entry.batch_size
         renderer = PromptRenderer(TEMPLATES[cfg.prompt.template], cfg.prompt.end_sym, r.image_prompt,
-                                  self.model.tokenizer.eos_token or "")
+                                  self.model.tokenizer.eos_token or "", r.instruction_suffix)
         return MixedBatches(datasets, ratios, sizes, ImageProcessor(cfg.vision), renderer, seed=r.seed,
                             skip_bad=r.on_bad_record == "skip", rank=self.dist.rank,
                             world_size=self.dist.world_size)

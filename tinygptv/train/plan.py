@@ -10,8 +10,8 @@ from tinygptv.train.start import start_config
 from tinygptv.train.tune import apply_tune
 
 GB = 1024**3
-# Text around the image that every template adds (role markers, <Img></Img>, an instruction): a generous estimate
-# in tokens; the answer part is bounded by max_txt_len.
+# Text around the image that a template adds (role markers, <Img></Img>, an instruction): a generous estimate in
+# tokens; stages 1-2 (template "none") have none. The answer part is bounded by max_txt_len.
 PROMPT_TOKENS = 64
 
 
@@ -34,7 +34,8 @@ def plan_memory(recipe: Recipe, half_bytes: int = 2) -> dict:
             # frozen weights in half precision on the GPU, except the Q-Former, which the library keeps in fp32
             frozen_bytes += p.numel() * (4 if name.startswith("connector.") else half_bytes)
     llm = config.llm
-    seq = 1 + PROMPT_TOKENS + config.qformer.num_query_tokens + config.prompt.max_txt_len
+    prompt_tokens = 0 if config.prompt.template == "none" else PROMPT_TOKENS
+    seq = 1 + prompt_tokens + config.qformer.num_query_tokens + config.prompt.max_txt_len
     batch = max(d.batch_size for d in recipe.datasets)
     b, s, h, a, layers = batch, seq, llm.hidden_size, llm.num_heads, llm.num_layers
     # Per transformer layer without recomputation (Korthikanti et al. 2022, half-precision activations):

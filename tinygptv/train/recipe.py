@@ -71,8 +71,10 @@ class Recipe:
     end_sym: str | None = None
     max_txt_len: int | None = None
     image_size: int | None = None
-    # How an image instruction is written before the template wraps it; stage 4's datasets add a trailing space.
+    # How an image instruction is written before the template wraps it, and what follows every instruction that has
+    # an image or is a follow-up question (the official stage-4 readers add a space: instruction_suffix " ").
     image_prompt: str = "<Img><ImageHere></Img> {}"
+    instruction_suffix: str = ""
     accum_grad_steps: int = 1
     grad_clip: float | None = None  # the official recipe does not clip
     gradient_checkpointing: bool = False
