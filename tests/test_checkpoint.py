@@ -156,3 +156,18 @@ def test_cli_reads_a_hub_id_from_the_cache_and_explains_an_unreachable_hub(tmp_p
     missing = run("info", "--model", "nobody/nothing")
     assert missing.returncode == 2
     assert "nobody/nothing: not a local folder" in missing.stderr and "HF_HUB_CACHE" in missing.stderr
+
+
+def test_export_merges_lora_without_changing_outputs(tmp_path):
+    from tinygptv.cli import main
+
+    model = _randomise(tiny_model(), 6)
+    model.save_pretrained(tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
+    merged = TinyGPTV.from_pretrained(tmp_path / "merged")
+    assert merged.config.lora.r == 0
+    assert not any("lora_" in k or "base_layer" in k for k in merged.state_dict())
+    pixels, prompt = torch.randn(2, 3, 28, 28), [single_prompt("stage3", "q?")] * 2
+    with torch.no_grad():
+        assert torch.allclose(model(pixels, prompt, ["a", "b"]).logits, merged(pixels, prompt, ["a", "b"]).logits,
+                              atol=1e-5)

@@ -131,6 +131,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tinygptv.model.tinygptv import TinyGPTV
+
+    model = TinyGPTV.from_pretrained(args.model)
+    if args.merge_lora:
+        model.merge_lora()
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out} (self-contained{', LoRA merged' if args.merge_lora else ''})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tinygptv.config import PRESETS
 
@@ -194,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (last checkpoint in output_dir, if any), a checkpoint folder, or 'none'")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "export", help="write a self-contained copy of a model, optionally with LoRA merged",
+        description="Resolve a model folder (a training checkpoint that stores only its trained weights, a folder "
+                    "of ours, a Hub id) into one self-contained folder. --merge-lora folds the LoRA deltas into the "
+                    "LLM weights: the same answers, no adapter at inference.")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--merge-lora", action="store_true")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -28,3 +28,18 @@ def add_lora(llm: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
 def is_lora_param(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
+
+
+def merge_lora(llm: nn.Module) -> int:
+    """Fold every LoRA delta into its base Linear and put the plain Linear back (same module paths as a model built
+    with r = 0), so inference pays nothing for the adapter. Returns how many layers were merged."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(llm.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(llm.get_submodule(parent_name) if parent_name else llm, child, module.get_base_layer())
+            merged += 1
+    return merged

@@ -13,7 +13,7 @@ from tinygptv.checkpoint.native import collect_state, load_into, save_pretrained
 from tinygptv.config import TinyGPTVConfig
 from tinygptv.data.templates import IMAGE_PLACEHOLDER
 from tinygptv.model.llm import LLM_ADAPTERS, build_llm
-from tinygptv.model.lora import add_lora, is_lora_param
+from tinygptv.model.lora import add_lora, is_lora_param, merge_lora
 from tinygptv.model.projector import Projector
 from tinygptv.model.qformer import QFormerConnector
 from tinygptv.model.vision import build_vision_tower
@@ -45,8 +45,9 @@ class TinyGPTV(nn.Module):
     # --- our checkpoint format ---------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory, *, trainable_only: bool = False, base_model: str | None = None):
-        """config.json + model.safetensors + tokenizer files. trainable_only keeps just the weights that train
-        (projections, norms, LoRA) and records base_model, the folder or Hub id that supplies the rest."""
+        """config.json + model.safetensors + tokenizer files. trainable_only keeps just the weights with
+        requires_grad (by default TinyGPT-V's: projections, norms, LoRA) and records base_model, the folder or Hub id
+        that supplies the rest (a relative path is taken relative to the saved folder)."""
         return save_pretrained(self, directory, trainable_only=trainable_only, base_model=base_model)
 
     @classmethod
@@ -65,6 +66,14 @@ class TinyGPTV(nn.Module):
         load_into(model, state, str(directory))
         model.freeze_as_official()
         return model.eval()
+
+    def merge_lora(self) -> "TinyGPTV":
+        """Fold LoRA into the LLM weights (config.lora.r becomes 0): the same outputs, no adapter cost."""
+        if self.config.lora.r > 0:
+            merge_lora(self.llm)
+            self.config.lora.r = 0
+            self.freeze_as_official()
+        return self
 
     # --- which weights train ----------------------------------------------------------------------------------------
 
