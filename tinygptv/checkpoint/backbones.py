@@ -141,7 +141,6 @@ def smollm2_gguf() -> Path:
 def load_gguf(gguf: Path):
     """transformers dequantizes the Q4_1/Q8_0 tensors to float32 and builds the tokenizer from the GGUF metadata
     (slow: ~15 s and ~6 s, which is why the result is cached)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -184,6 +183,9 @@ def cached_lm_dir(gguf: Path | None = None) -> Path:
         model, tokenizer = load_gguf(gguf)
         write_lm_folder(model, tokenizer, tmp)
         (tmp / CACHE_MARKER).write_text(json.dumps(source, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
         if target.exists() and not _is_complete(target, source):
             shutil.rmtree(target)  # an interrupted copy or an older source: replaced, never trusted
         try:
@@ -326,6 +328,62 @@ def fresh_init(key: str, module: nn.Module, leaf: str, shape: tuple[int, ...], d
                         "give that component a `pretrained` source")
 
 
+# A few lines of chat and prose in the shape the model will see, for calibrate_added_norms.
+CALIBRATION_TEXT = (
+    "<|im_start|>user\nWhat is the weather like in spring?<|im_end|>\n<|im_start|>assistant\nSpring is usually mild, "
+    "with warm days, cool nights and frequent showers that help plants grow.<|im_end|>\n",
+    "<|im_start|>user\nDescribe the picture.<|im_end|>\n<|im_start|>assistant\nA red bicycle leans against a white "
+    "wall next to a wooden door.<|im_end|>\n",
+    "A small village lay at the foot of the mountains, where farmers grew wheat and kept sheep on the green hills.",
+    "In mathematics, a prime number is a natural number greater than one whose only divisors are one and itself.",
+    "The museum opened a new exhibition about ancient Egypt, showing jewellery, tools and painted coffins.",
+)
+
+
+@torch.no_grad()
+def calibrate_added_norms(model, texts=CALIBRATION_TEXT) -> None:
+    """Set the weight of every norm TinyGPT-V adds to the LM so that, on sample text, the norm's output is as close
+    as it can be to its input (per-channel least squares, bias kept at 0). At weight 1 a norm is no identity: an
+    RMSNorm on SmolLM2's attention output makes its perplexity ~10^5; calibrated, the LM keeps its language and
+    the trainable weights start from there. The LM runs unchanged while the statistics are taken."""
+    from tinygptv.model.llm import LLM_ADAPTERS
+
+    llm = model.llm
+    added = LLM_ADAPTERS[model.config.llm.name].added_norms
+    sums: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            x = inputs[0].float().reshape(-1, inputs[0].shape[-1])  # [N, C], C = head_dim or hidden
+            n = output.float().reshape(-1, output.shape[-1])  # the normalised x, weight 1 / bias 0
+            xn, nn_ = sums.get(name, (0.0, 0.0))
+            sums[name] = (xn + (x * n).sum(0), nn_ + (n * n).sum(0))
+            return inputs[0]  # identity: later layers see what the plain LM computes
+        return hook
+
+    modules = {n: m for n, m in llm.named_modules() if n.rpartition(".")[2] in added and hasattr(m, "weight")}
+    if not modules:
+        return
+    for module in modules.values():
+        module.weight.fill_(1.0)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+    handles = [m.register_forward_hook(record(n)) for n, m in modules.items()]
+    was_training = llm.training
+    llm.eval()
+    try:
+        bos = model.config.llm.bos_token_id
+        for text in texts:
+            ids = torch.tensor([[bos] + model.tokenize(text)], device=model.device)
+            llm(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+        llm.train(was_training)
+    for name, (xn, nn_) in sums.items():
+        modules[name].weight.copy_((xn / nn_.clamp_min(1e-12)).to(modules[name].weight.dtype))
+
+
 def build_from_backbones(config: TinyGPTVConfig):
     """A TinyGPTV whose frozen parts hold the backbones' weights and whose projections and LoRA are freshly
     initialised (the training step starts here), with the LLM source's tokenizer."""
@@ -341,5 +399,6 @@ def build_from_backbones(config: TinyGPTVConfig):
     fresh = sorted(k for k in result.missing_keys if not is_trained_from_scratch(k))
     if fresh or result.unexpected_keys:
         raise BackboneError(f"base does not fit the model: missing {fresh[:8]}, unexpected {result.unexpected_keys[:8]}")
+    calibrate_added_norms(model)
     model.freeze_as_official()
     return model.eval()

@@ -103,7 +103,11 @@ class TinyGPTV(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values [B, 3, S, S] -> image embeddings [B, Q, D_llm]
-        image_tokens = self.visual_encoder(pixel_values.to(self.device))  # [B, N, Dv]
+        return self.embed_vision_tokens(self.visual_encoder(pixel_values.to(self.device)))
+
+    def embed_vision_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """The part after the frozen tower ([B, N, Dv] -> [B, Q, D_llm]), separate so a trainer can reuse tower
+        outputs it has cached."""
         queries = self.connector(image_tokens)  # [B, Q, Dq]
         return self.projector(queries).to(self.llm_dtype)
 

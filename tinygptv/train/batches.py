@@ -22,6 +22,7 @@ class Batch:
     answers: list[list[tuple[str, bool]]]  # (text, supervised) segments per sample
     sources: list[str]
     dataset: str = ""
+    image_keys: list[str | None] = field(default_factory=list)  # file path of each sample's image, if it has one
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -176,8 +177,10 @@ class MixedBatches:
             return None
 
     def _collate(self, name: str, items: Sequence[tuple[int, Sample, Any]]) -> Batch:
-        prompts, answers, has_image, pixels, sources = [], [], [], [], []
+        prompts, answers, has_image, pixels, sources, keys = [], [], [], [], [], []
         for _, sample, px in items:
+            if px is not None:
+                keys.append(sample.image if isinstance(sample.image, str) else None)
             prompt, segments = self.renderer(sample, px is not None)
             prompts.append(prompt)
             answers.append(segments)
@@ -186,7 +189,7 @@ class MixedBatches:
             if px is not None:
                 pixels.append(px)
         pixel_values = torch.cat(pixels) if pixels else None
-        return Batch(pixel_values, has_image, prompts, answers, sources, name)
+        return Batch(pixel_values, has_image, prompts, answers, sources, name, keys)
 
     def state_dict(self) -> dict:
         s = self.state

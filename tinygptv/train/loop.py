@@ -61,6 +61,7 @@ class Trainer:
         self.base = base
         self.wrapped = distributed.wrap(self.model, self.dist, recipe.distributed)
         self._writers = None
+        self._vision_cache: dict[str, torch.Tensor] = {}
         if resume:
             self._maybe_resume(resume)
         if self.base is None:
@@ -127,10 +128,27 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------------------------
 
+    def _vision_tokens(self, batch: Batch) -> torch.Tensor:
+        """The frozen tower's output for the batch's images, from the cache where it has them."""
+        pixels = batch.pixel_values.to(self.device)
+        if not (self.recipe.cache_vision_features and self.recipe.tune.vision == "frozen"):
+            return self.model.visual_encoder(pixels)
+        todo = [i for i, key in enumerate(batch.image_keys) if key is None or key not in self._vision_cache]
+        fresh: dict[int, torch.Tensor] = {}
+        if todo:
+            with torch.no_grad():
+                # rounded to bf16 whether or not it was cached, so a resumed run (empty cache) sees the same values
+                fresh = dict(zip(todo, self.model.visual_encoder(pixels[todo]).to(torch.bfloat16)))
+            for i in todo:
+                if batch.image_keys[i] is not None:
+                    self._vision_cache[batch.image_keys[i]] = fresh[i]
+        rows = [fresh[i] if i in fresh else self._vision_cache[key] for i, key in enumerate(batch.image_keys)]
+        return torch.stack(rows).float()
+
     def _loss(self, batch: Batch) -> torch.Tensor:
         embeds = None
         if batch.pixel_values is not None:
-            encoded = iter(self.model.encode_image(batch.pixel_values.to(self.device)))
+            encoded = iter(self.model.embed_vision_tokens(self._vision_tokens(batch)))
             embeds = [next(encoded) if has else None for has in batch.has_image]
         out = self.wrapped(None, batch.prompts, batch.answers, image_embeds=embeds)
         return out.loss

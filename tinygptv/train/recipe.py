@@ -78,6 +78,9 @@ class Recipe:
     accum_grad_steps: int = 1
     grad_clip: float | None = None  # the official recipe does not clip
     gradient_checkpointing: bool = False
+    # Keep the frozen vision tower's output per image file in memory (bf16) and reuse it: on a CPU the tower can cost
+    # more than the step. Only applies while tune.vision is frozen.
+    cache_vision_features: bool = False
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a grad scaler)
     seed: int = 42
     output_dir: str = "runs/train"

@@ -11,7 +11,8 @@ stage 4    llava_conversation, multitask_conversation, llava_detail, llava_reaso
            coco_vqa, ok_vqa, aok_vqa, gqa, ocrvqa, textcaps_caption, coco_caption,
            refcoco, refcoco+ (alias refcocop), refcocog, invrefcoco, invrefcoco+ (invrefcocop), invrefcocog, refvg,
            flickr_grounded_caption, flickr_CaptionToPhrase, flickr_ObjectToPhrase
-ours       llava_json (LLaVA-style fine-tuning JSON)
+ours       llava_json (LLaVA-style fine-tuning JSON); for the nano model: easyvqa, easyvqa_caption (easy-VQA's
+           train split), scenes (synthetic shapes with boxes: refer, identify, grounding, vqa)
 
     ds = build_dataset("coco_vqa", ann_path=["vqa_train.json", "vqa_val.json"], image_root="coco/train2014", seed=42)
     ds.set_epoch(3); sample = ds[17]
@@ -23,8 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 # importing the reader modules registers their datasets
-from tinygptv.data.datasets import (captions, flickr, llava, refer, unnatural, visual_genome,  # noqa: F401
-                                   vqa, webdataset)
+from tinygptv.data.datasets import (captions, easyvqa, flickr, llava, refer, scenes,  # noqa: F401
+                                   unnatural, visual_genome, vqa, webdataset)
 from tinygptv.data.datasets.base import DATASETS, RecordDataset
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.data.datasets.text import blip_caption, box_text

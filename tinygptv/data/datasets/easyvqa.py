@@ -1,0 +1,99 @@
+# easy-VQA (the `easy-vqa` package): 64x64 images of one coloured shape with yes/no, colour and shape questions.
+# Its TRAIN split only feeds training: [vqa] questions, and [caption] captions derived from each image's labels.
+# Data path: easy_vqa package -> [this reader] -> Sample -> batch builder -> model. (The test split is eval's.)
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from typing import NamedTuple
+
+from tinygptv.data.datasets.base import DATASETS, RecordDataset
+from tinygptv.data.datasets.sample import DatasetError, Sample
+from tinygptv.data.datasets.text import CAPTION_POOL, VQA_POOL
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+
+
+class EasyRecord(NamedTuple):
+    image: str
+    question: str  # for captions: "" (unused)
+    answer: str
+    source: str
+
+
+def load_split(split: str):
+    """(questions, answers, image ids) and id -> path of one split; only "train" may be used for training."""
+    import easy_vqa
+
+    if split == "train":
+        return easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()
+    if split == "test":
+        return easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()
+    raise ValueError(f"easy-VQA split {split!r}: expected 'train' or 'test'")
+
+
+def image_labels(questions, answers) -> tuple[str | None, str | None]:
+    """An image's colour and shape, read off its own questions ("what color is the triangle?" -> blue)."""
+    colour = shape = None
+    for q, a in zip(questions, answers):
+        if a in COLOURS and q.startswith(("what color", "what is the color")):
+            colour = a
+            named = re.search(r"(circle|rectangle|triangle)", q)
+            shape = shape or (named.group(1) if named else None)
+        elif a in SHAPES:
+            shape = a
+    return colour, shape
+
+
+def _train_only(split: str) -> None:
+    if split != "train":
+        raise DatasetError(f"easy-VQA split {split!r} cannot be used for training: only 'train' is (the test split "
+                           "is kept for `tinygptv eval --benchmark easyvqa`)")
+
+
+@DATASETS.register("easyvqa")
+class EasyVQA(RecordDataset[EasyRecord]):
+    """Every train question, "[vqa] {question}" or the long [vqa] form -> the answer (one of 13 words)."""
+
+    task = "vqa"
+
+    def __init__(self, split: str = "train", *, limit: int | None = None, seed: int = 0, check_images: bool = True):
+        _train_only(split)
+        (questions, answers, ids), paths = load_split(split)
+        records = [EasyRecord(paths[i], q, a, f"easy_vqa/{split}:{k}")
+                   for k, (q, a, i) in enumerate(zip(questions, answers, ids))]
+        super().__init__(records[:limit] if limit else records, origin=f"easy_vqa/{split}", seed=seed,
+                         check_images=check_images)
+
+    def make(self, record: EasyRecord, rng: random.Random) -> Sample:
+        return Sample(record.image, [(rng.choice(VQA_POOL).format(record.question), record.answer)], self.task,
+                      record.source)
+
+
+@DATASETS.register("easyvqa_caption")
+class EasyVQACaptions(RecordDataset[EasyRecord]):
+    """One caption per train image, "a {colour} {shape}", from its labels; `instruction: false` gives caption-only
+    samples for the warm-up stages, otherwise a [caption] prompt is drawn."""
+
+    task = "caption"
+
+    def __init__(self, split: str = "train", *, instruction: bool = True, seed: int = 0, check_images: bool = True):
+        _train_only(split)
+        (questions, answers, ids), paths = load_split(split)
+        per_image: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
+        for q, a, i in zip(questions, answers, ids):
+            per_image[i][0].append(q)
+            per_image[i][1].append(a)
+        records = []
+        for i in sorted(per_image):
+            colour, shape = image_labels(*per_image[i])
+            if colour and shape:
+                records.append(EasyRecord(paths[i], "", f"a {colour} {shape}", f"easy_vqa/{split}:image {i}"))
+        self.instruction = instruction
+        super().__init__(records, origin=f"easy_vqa/{split} captions", seed=seed, check_images=check_images)
+
+    def make(self, record: EasyRecord, rng: random.Random) -> Sample:
+        question = rng.choice(CAPTION_POOL) if self.instruction else None
+        return Sample(record.image, [(question, record.answer)], self.task, record.source)

@@ -1,0 +1,89 @@
+# Synthetic scenes: a few coloured shapes with known boxes, drawn deterministically from (seed, split, index). They
+# give the stage-4 tasks ([refer], [identify], [grounding], counting / colour / position [vqa]) real targets offline.
+# Data path: (seed, split, index) -> [scene + PNG] -> datasets/scenes.py -> Sample -> batch builder -> model.
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SIZE = 224
+SHAPES = ("circle", "rectangle", "triangle")  # easy-VQA's shapes and colour names
+COLOURS = {
+    "red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "black": (25, 25, 25),
+    "gray": (127, 127, 127), "teal": (0, 128, 128), "brown": (140, 86, 45), "yellow": (235, 200, 30),
+}
+SPLIT_SALT = {"train": 0, "test": 1}  # held-out scenes come from another stream, never from train's
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    kind: str
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels of the SIZE x SIZE image
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+
+def make_scene(seed: int, split: str, index: int) -> list[Shape]:
+    """2-4 shapes, distinct (colour, shape) pairs, no overlaps; the same arguments give the same scene."""
+    if split not in SPLIT_SALT:
+        raise ValueError(f"scene split {split!r}: expected one of {sorted(SPLIT_SALT)}")
+    rng = random.Random(f"scenes:{seed}:{SPLIT_SALT[split]}:{index}")
+    count = rng.randint(2, 4)
+    pairs = rng.sample([(c, k) for c in COLOURS for k in SHAPES], count)
+    shapes: list[Shape] = []
+    for colour, kind in pairs:
+        for _ in range(200):
+            side = rng.randint(40, 84)
+            x1, y1 = rng.randint(4, SIZE - side - 4), rng.randint(4, SIZE - side - 4)
+            box = (x1, y1, x1 + side, y1 + side)
+            if all(_apart(box, s.box) for s in shapes):
+                shapes.append(Shape(colour, kind, box))
+                break
+    return shapes
+
+
+def _apart(a, b, gap: int = 6) -> bool:
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def draw_scene(shapes: list[Shape]) -> Image.Image:
+    image = Image.new("RGB", (SIZE, SIZE), (246, 244, 238))
+    pen = ImageDraw.Draw(image)
+    for s in shapes:
+        x1, y1, x2, y2 = s.box
+        fill = COLOURS[s.colour]
+        if s.kind == "circle":
+            pen.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        elif s.kind == "rectangle":
+            pen.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        else:
+            pen.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=fill)
+    return image
+
+
+def scene_image(root: str | os.PathLike, seed: int, split: str, index: int) -> str:
+    """The scene's PNG under root (drawn once, written atomically), so images have paths like any dataset's."""
+    path = Path(root) / f"seed{seed}" / split / f"{index:06d}.png"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            draw_scene(make_scene(seed, split, index)).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return str(path)
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("TINYGPTV_CACHE", Path.home() / ".cache" / "tinygptv")) / "scenes"
