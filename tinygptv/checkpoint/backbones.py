@@ -311,7 +311,8 @@ def _without_lora(key: str) -> str:
 
 def fresh_init(key: str, module: nn.Module, leaf: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """Deterministic init written here, not taken from transformers' init order: the generator is seeded from the
-    weight's name, so the base of a trainable-only checkpoint is the same on every machine and library version.
+    weight's name, so the frozen base of a trainable-only checkpoint depends only on that name and torch's CPU
+    generator, not on the machine, the build order or the transformers version.
     Norms start at weight 1 / bias 0; linear and query weights ~ N(0, 0.02), biases 0."""
     kind = type(module).__name__
     if "Norm" in kind:  # LayerNorm, LlamaRMSNorm
@@ -356,8 +357,8 @@ def calibrate_added_norms(model, texts=CALIBRATION_TEXT) -> None:
         def hook(module, inputs, output):
             x = inputs[0].float().reshape(-1, inputs[0].shape[-1])  # [N, C], C = head_dim or hidden
             n = output.float().reshape(-1, output.shape[-1])  # the normalised x, weight 1 / bias 0
-            xn, nn_ = sums.get(name, (0.0, 0.0))
-            sums[name] = (xn + (x * n).sum(0), nn_ + (n * n).sum(0))
+            x_dot_n, n_sq = sums.get(name, (0.0, 0.0))
+            sums[name] = (x_dot_n + (x * n).sum(0), n_sq + (n * n).sum(0))
             return inputs[0]  # identity: later layers see what the plain LM computes
         return hook
 
@@ -380,8 +381,8 @@ def calibrate_added_norms(model, texts=CALIBRATION_TEXT) -> None:
         for h in handles:
             h.remove()
         llm.train(was_training)
-    for name, (xn, nn_) in sums.items():
-        modules[name].weight.copy_((xn / nn_.clamp_min(1e-12)).to(modules[name].weight.dtype))
+    for name, (x_dot_n, n_sq) in sums.items():  # argmin_w sum (x - w n)^2, per channel
+        modules[name].weight.copy_((x_dot_n / n_sq.clamp_min(1e-12)).to(modules[name].weight.dtype))
 
 
 def build_from_backbones(config: TinyGPTVConfig):
@@ -398,7 +399,8 @@ def build_from_backbones(config: TinyGPTVConfig):
     result = model.load_state_dict(state, strict=False)
     fresh = sorted(k for k in result.missing_keys if not is_trained_from_scratch(k))
     if fresh or result.unexpected_keys:
-        raise BackboneError(f"base does not fit the model: missing {fresh[:8]}, unexpected {result.unexpected_keys[:8]}")
+        raise BackboneError(f"base does not fit the model: missing {fresh[:8]}, "
+                            f"unexpected {result.unexpected_keys[:8]}")
     calibrate_added_norms(model)
     model.freeze_as_official()
     return model.eval()

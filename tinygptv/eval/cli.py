@@ -1,0 +1,116 @@
+# `tinygptv eval` (run a model on a benchmark) and `tinygptv eval score` (re-score a predictions file), registered
+# into the main parser by tinygptv/cli.py. Data path: benchmark files -> runner -> predictions -> scorer -> table/JSON.
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `eval` (and its `score` sub-command) to the main parser's sub-parsers."""
+    from tinygptv.data.templates import TEMPLATES
+    from tinygptv.eval import BENCHMARKS
+
+    names = BENCHMARKS.names()
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model on a benchmark (GQA, VSR, IconQA, VizWiz, HM, OK-VQA, RefCOCO*, easy-VQA)",
+        description="Run a model on a benchmark's published files with the paper's prompt, keep every prediction "
+                    "in {out}/{benchmark}.predictions.jsonl (a rerun into the same --out resumes), and report two "
+                    "scores: strict (official VQA normalisation, exact match) and tinygptv-compatible (what the "
+                    "official TinyGPT-V script computes). `tinygptv eval score ...` re-scores a predictions file "
+                    "without a model. docs/eval.md: where to get each benchmark and what the scores mean.")
+    p.add_argument("--benchmark", choices=names, help="which benchmark (required)")
+    p.add_argument("--data", type=Path, help="folder with the benchmark's files as published (not for easyvqa)")
+    p.add_argument("--images", type=Path, help="image folder, when the images are not where the layout puts them")
+    p.add_argument("--split", help="sub-split: refcoco/refcoco+ val|testA|testB, refcocog val|test, "
+                                   "hm dev|dev_seen|dev_unseen (default: all / the official one)")
+    p.add_argument("--model", default=None, help="a model folder, Hub id or preset name (default: the package's "
+                                                 "default model)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight precision (default fp32)")
+    p.add_argument("--template", choices=TEMPLATES.names(), default=None,
+                   help="prompt template (default: 'eval', the official benchmark template, for official-style "
+                        "models; a model's own template otherwise)")
+    p.add_argument("--limit", type=int, help="evaluate the first N items only")
+    p.add_argument("--batch-size", type=int, default=16, help="items per batch (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 20 as the official benchmark config (10 for easyvqa)")
+    p.add_argument("--no-stop", action="store_true",
+                   help="do not stop generating at end_sym/### (the official scripts did not; the answer is still cut "
+                        "there, the raw text keeps the rest)")
+    p.add_argument("--out", type=Path, help="output folder for predictions and summary (required)")
+    p.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary JSON instead of the table")
+    p.set_defaults(func=cmd_eval)
+
+    sub = p.add_subparsers(dest="eval_command", metavar="{score}")
+    s = sub.add_parser(
+        "score", help="score an existing predictions file (no model needed)",
+        description="Score a predictions JSONL against a benchmark's files: ours, or another system's (one JSON "
+                    "object per line with the item's \"id\" and its \"answer\" or \"raw\" output; Hateful Memes "
+                    "AUROC also reads \"p_yes\", IconQA \"choice\").")
+    s.add_argument("--benchmark", required=True, choices=names)
+    s.add_argument("--data", type=Path, help="folder with the benchmark's files (not for easyvqa)")
+    s.add_argument("--split", help="sub-split, as for `tinygptv eval`")
+    s.add_argument("--predictions", type=Path, required=True)
+    s.add_argument("--limit", type=int, help="score the first N items only")
+    s.add_argument("--json", action="store_true", help="print the summary JSON instead of the table")
+    s.set_defaults(func=cmd_eval_score)
+    return p
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from tinygptv.eval import run_eval
+    from tinygptv.serve.loading import DEFAULT_MODEL, load_model
+
+    if args.benchmark is None or args.out is None:
+        raise ValueError("--benchmark and --out are required (or use `tinygptv eval score ...`)")
+    model_name = args.model or DEFAULT_MODEL
+    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+    model = load_model(model_name, dtype=dtype)
+    summary = run_eval(
+        model, args.benchmark, args.data, args.out, model_name=model_name, split=args.split, images=args.images,
+        limit=args.limit, batch_size=args.batch_size, template=args.template, max_new_tokens=args.max_new_tokens,
+        stop=not args.no_stop, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_eval_score(args) -> int:
+    from tinygptv.eval import score_file
+
+    summary = score_file(args.benchmark, args.data, args.predictions, split=args.split, limit=args.limit)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if summary["missing"]:
+        print(f"note: {summary['missing']} of {summary['items']} items have no prediction and are not scored",
+              file=sys.stderr)
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """Both scores side by side, one row per metric."""
+    from tinygptv.eval import COMPATIBLE, STRICT
+
+    scores = summary["scores"]
+    metrics = list(dict.fromkeys([*scores[STRICT], *scores[COMPATIBLE]]))
+    head = f"{summary['title']} ({summary['split']}): {summary['n']} of {summary['items']} items scored"
+    if summary.get("model"):
+        head += f", model {summary['model']}, template {summary['template']}"
+    width = max(len(m) for m in metrics + ["metric"])
+    rows = [head, f"{'metric':<{width}}  {STRICT:>8}  {COMPATIBLE:>19}"]
+    for m in metrics:
+        rows.append(f"{m:<{width}}  {_cell(scores[STRICT].get(m)):>8}  {_cell(scores[COMPATIBLE].get(m)):>19}")
+    if summary.get("predictions"):
+        rows.append(f"predictions: {summary['predictions']}")
+    return "\n".join(rows)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
