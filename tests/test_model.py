@@ -178,3 +178,19 @@ def test_config_round_trip_and_unknown_field(tmp_path):
 def test_unknown_preset_and_tower_names_are_listed():
     with pytest.raises(KeyError, match="known: .*tinygptv-stage1"):
         preset("tinygptv-stage5")
+
+
+def test_forward_loss_equals_the_full_logits_loss(model):
+    """The answer-positions-only vocabulary projection gives the transformers loss over the full logits."""
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    prompts = [single_prompt("stage3", "q?"), single_prompt("stage3", "longer q?")]
+    answers = ["yes", [("no###", True), ("<|endoftext|>###Human: again? ###Assistant: ", False), ("x###", True)]]
+    with torch.no_grad():
+        out = model(pixels, prompts, answers, return_logits=True)
+        inputs = model.build_inputs(prompts, model.encode_image(pixels), answers, add_bos=True)
+        reference = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                              labels=inputs.labels)
+    assert torch.allclose(out.loss, reference.loss, atol=1e-6)
+    assert torch.allclose(out.logits, reference.logits, atol=1e-6)
+    # follow-up questions are not supervised: the loss counts only answer tokens
+    assert (inputs.labels != IGNORE_INDEX).sum() == len(model.tokenize("yes###")) + len(model.tokenize("no###x###"))

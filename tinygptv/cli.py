@@ -137,6 +137,13 @@ def cmd_export(args) -> int:
     model = TinyGPTV.from_pretrained(args.model)
     if args.merge_lora:
         model.merge_lora()
+    if args.overlay_on:
+        from tinygptv.checkpoint.native import keep_differing
+
+        kept = keep_differing(model, args.overlay_on)
+        model.save_pretrained(args.out, trainable_only=True, base_model=args.overlay_on)
+        print(f"wrote {args.out}: {kept:,} parameters that differ from {args.overlay_on}")
+        return 0
     model.save_pretrained(args.out)
     print(f"wrote {args.out} (self-contained{', LoRA merged' if args.merge_lora else ''})")
     return 0
@@ -214,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--merge-lora", action="store_true")
+    p.add_argument("--overlay-on", metavar="BASE",
+                   help="store only the weights that differ from BASE (a folder, a Hub id, or 'backbones' for the "
+                        "packages the nano model is built from) and record BASE as the folder's base")
     p.set_defaults(func=cmd_export)
     return parser
 

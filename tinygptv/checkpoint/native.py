@@ -149,3 +149,19 @@ def materialize_buffers(model: torch.nn.Module) -> None:
 def _preview(keys: list[str], n: int = 12) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def keep_differing(model, base_model: str) -> int:
+    """Mark trainable exactly the parameters whose values differ from base_model's, so a trainable-only save keeps
+    just those. Returns how many parameter values that is."""
+    if base_model == BACKBONES_BASE:
+        base = backbone_state(model.config)
+    else:
+        _, base = collect_state(resolve_model_dir(base_model))
+    base = align_lora_names(base, dict(model.named_parameters()).keys())
+    kept = 0
+    for name, param in model.named_parameters():
+        same = name in base and base[name].shape == param.shape and torch.equal(base[name].to(param.dtype), param)
+        param.requires_grad_(not same)
+        kept += 0 if same else param.numel()
+    return kept

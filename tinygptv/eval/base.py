@@ -38,6 +38,7 @@ class Loaded:
     items: list[Item]
     files: list[Path]  # every annotation file read, hashed into the summary
     split: str  # what was read, for the summary ("testdev-balanced", "val+testA+testB", ...)
+    root: Path | None = None  # file names in the summary are relative to this folder (--data), so they compare
 
 
 @dataclass

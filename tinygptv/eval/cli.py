@@ -41,6 +41,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-stop", action="store_true",
                    help="do not stop generating at end_sym/### (the official scripts did not; the answer is still cut "
                         "there, the raw text keeps the rest)")
+    p.add_argument("--no-share-prefix", action="store_true",
+                   help="encode every prompt in full instead of running the part questions about one image share "
+                        "once per image (same inputs; slower)")
     p.add_argument("--out", type=Path, help="output folder for predictions and summary (required)")
     p.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,7 +80,8 @@ def cmd_eval(args) -> int:
     summary = run_eval(
         model, args.benchmark, args.data, args.out, model_name=model_name, split=args.split, images=args.images,
         limit=args.limit, batch_size=args.batch_size, template=args.template, max_new_tokens=args.max_new_tokens,
-        stop=not args.no_stop, overwrite=args.overwrite, progress=not args.no_progress,
+        stop=not args.no_stop, share_prefix=not args.no_share_prefix, overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

@@ -46,7 +46,8 @@ class EasyVQA(Benchmark):
                 target=answer,
             ))
         package = Path(easy_vqa.__file__).parent / "data"
-        return Loaded(items, [package / "test" / "questions.json", package / "answers.txt"], "test")
+        return Loaded(items, [package / "test" / "questions.json", package / "answers.txt"], "test",
+                      package.parent.parent)
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)

@@ -17,8 +17,6 @@ Scores, per question:
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from tinygptv.eval.base import (
     BENCHMARKS, Benchmark, ImageFinder, Item, ItemScore, Loaded, field_of, first_existing, image_roots, need_data,
     raw_text, read_json,
@@ -51,7 +49,7 @@ class GQA(Benchmark):
                 instruction=prompt_for(self.name, question=field_of(q, "question", str, where)),
                 target=field_of(q, "answer", str, where),
             ))
-        return Loaded(items, [path], "testdev-balanced")
+        return Loaded(items, [path], "testdev-balanced", data)
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)

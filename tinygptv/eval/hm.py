@@ -57,7 +57,7 @@ class HatefulMemes(Benchmark):
                 instruction=prompt_for(self.name, text=field_of(row, "text", str, where)),
                 target=int(label),
             ))
-        return Loaded(items, [path], path.stem)
+        return Loaded(items, [path], path.stem, data)
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)

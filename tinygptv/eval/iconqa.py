@@ -77,7 +77,7 @@ class IconQA(Benchmark):
                 target=answer,
                 candidates=tuple(choices),
             ))
-        return Loaded(items, [problems_path, splits_path], SPLIT_KEY)
+        return Loaded(items, [problems_path, splits_path], SPLIT_KEY, data)
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         chosen_text = self.answer_of(pred)

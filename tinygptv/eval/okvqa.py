@@ -61,7 +61,7 @@ class OKVQA(Benchmark):
                 instruction=prompt_for(self.name, question=field_of(q, "question", str, where)),
                 target=answers_by_qid[qid],
             ))
-        return Loaded(items, [q_path, a_path], "val2014")
+        return Loaded(items, [q_path, a_path], "val2014", data)
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)

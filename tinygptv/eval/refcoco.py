@@ -26,7 +26,6 @@ for RefCOCOg; here every split is read from its own split of the REFER file and 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from tinygptv.data.datasets.refer import SPLIT_BY, in_split
 from tinygptv.data.datasets.safe_pickle import load_plain_pickle
@@ -141,7 +140,7 @@ class RefCOCO(Benchmark):
                         target={"bbox": boxes[ann_id], "width": width, "height": height},
                         group=split_name,
                     ))
-        return Loaded(items, [ref_file, inst_file], "+".join(splits))
+        return Loaded(items, [ref_file, inst_file], "+".join(splits), data)
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)

@@ -15,10 +15,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from tinygptv.data.templates import TEMPLATES, single_prompt
+from tinygptv.data.templates import IMAGE_PLACEHOLDER, TEMPLATES, single_prompt
 from tinygptv.eval.base import BENCHMARKS, STRICT, Benchmark, Item
 from tinygptv.eval.hm import NO_WORDS, YES_WORDS
 from tinygptv.eval.scoring import load_predictions, score_predictions
+from tinygptv.model.tinygptv import cut_at_stop
 
 # Templates of official-style models: the paper's benchmarks were run with the "eval" template on them (spec 4.4).
 OFFICIAL_TEMPLATES = ("stage3", "stage4", "none")
@@ -137,11 +138,72 @@ def candidate_losses(model, prompts: Sequence[str], embeds: torch.Tensor, answer
     return per_row.tolist()
 
 
+@torch.inference_mode()
+def generate_shared_prefix(model, prompts: Sequence[str], embeds: torch.Tensor, image_keys: Sequence[str], *,
+                           max_new_tokens: int, stop_strings: Sequence[str]) -> list[str] | None:
+    """Greedy generation that runs the part of the prompt every question of an image shares (template start, image
+    embeddings, the fixed start of the instruction) once per image, then only each question's own tokens.
+
+    Benchmarks ask many questions per image with one fixed instruction, so most of a prompt is the same across a
+    batch: "<|im_start|>user\n<Img>" + 32 image embeddings + "</Img> [vqa] Based on the image, respond to this
+    question with a short answer:" is ~80 % of an easy-VQA prompt. Its keys/values are computed for each distinct
+    image, copied to the rows that use it, and generate() continues from that cache with each row's remaining
+    tokens (left-padded: the padding sits between the shared part and the question and is masked; positions come
+    from the attention mask, as in plain left-padded generation).
+
+    The model input is token-for-token the one model.generate() builds: the split is made before a space, and a
+    batch whose split would tokenize differently (or whose prompts differ before the image) returns None, so the
+    caller uses model.generate(). Outputs agree with it up to floating-point summation order."""
+    if model.tokenizer is None or len(prompts) < 2:
+        return None
+    pieces = [p.split(IMAGE_PLACEHOLDER) for p in prompts]
+    if any(len(x) != 2 for x in pieces) or len({x[0] for x in pieces}) != 1:
+        return None
+    tails = [x[1] for x in pieces]
+    common = os.path.commonprefix(tails)
+    cut = common.rfind(" ")  # the shared text ends before a space: " word" stays one token for BPE tokenizers
+    if cut <= 0:
+        return None
+    shared, rests = tails[0][:cut], [t[cut:] for t in tails]
+    shared_ids = model.tokenize(shared)
+    rest_ids = [model.tokenize(r) for r in rests]
+    if any(not r or shared_ids + r != model.tokenize(shared + rest) for r, rest in zip(rest_ids, rests)):
+        return None
+
+    order = list(dict.fromkeys(image_keys))  # distinct images, first-seen order
+    first_row = [list(image_keys).index(k) for k in order]
+    prefix_prompt = pieces[0][0] + IMAGE_PLACEHOLDER + shared
+    prefix = model.build_inputs([prefix_prompt] * len(order), embeds[first_row],
+                                add_bos=model.config.prompt.bos_at_inference, padding_side="left")
+    out = model.llm(inputs_embeds=prefix.inputs_embeds, attention_mask=prefix.attention_mask, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.reorder_cache(torch.tensor([order.index(k) for k in image_keys], device=model.device))
+
+    n, p_len = len(prompts), prefix.inputs_embeds.shape[1]
+    longest = max(len(r) for r in rest_ids)
+    pad_id = model.config.llm.pad_token_id
+    rows = [[pad_id] * (longest - len(r)) + r for r in rest_ids]
+    rest_embeds = model.llm.get_input_embeddings()(torch.tensor(rows, device=model.device))  # [B, R, D]
+    inputs_embeds = torch.cat([rest_embeds.new_zeros(n, p_len, rest_embeds.shape[-1]), rest_embeds], dim=1)
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rest_ids], device=model.device)
+    attention_mask = torch.cat([torch.ones(n, p_len, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    stops = [s for s in stop_strings if s.strip()]
+    kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                  top_k=None, repetition_penalty=1.0, pad_token_id=pad_id, eos_token_id=model.config.llm.eos_token_id,
+                  bos_token_id=model.config.llm.bos_token_id)
+    if stops:
+        kwargs.update(stop_strings=stops, tokenizer=model.tokenizer)
+    new_tokens = model.llm.generate(**kwargs)  # [B, new]: only new tokens come back with inputs_embeds
+    texts = model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [cut_at_stop(t, stops).strip() for t in texts]
+
+
 class Runner:
     """Runs one benchmark for one model into an output folder. See `run_eval`."""
 
     def __init__(self, model, benchmark: Benchmark, *, template: str, batch_size: int, max_new_tokens: int,
-                 stop: bool = True):
+                 stop: bool = True, share_prefix: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
@@ -154,6 +216,7 @@ class Runner:
         stops = [end_sym] + (["###"] if self.template in HASH_TEMPLATES and "###" not in end_sym else [])
         self.stop_strings = stops if stop else []
         self.images = EmbeddingCache(model)
+        self.share_prefix = share_prefix
 
     def decoding(self) -> dict:
         if self.benchmark.mode == "rank":
@@ -161,7 +224,8 @@ class Runner:
                     "end_sym": self.model.config.prompt.end_sym, "batch_size": self.batch_size}
         d = {"mode": self.benchmark.mode, "do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
              "max_new_tokens": self.max_new_tokens, "stop_strings": self.stop_strings,
-             "add_bos": self.model.config.prompt.bos_at_inference, "batch_size": self.batch_size}
+             "add_bos": self.model.config.prompt.bos_at_inference, "shared_prefix": self.share_prefix,
+             "batch_size": self.batch_size}
         if self.benchmark.mode == "yesno":
             d["p_yes"] = "first answer token: p(yes|Yes) / (p(yes|Yes) + p(no|No))"
         return d
@@ -174,8 +238,13 @@ class Runner:
         prompts = [self.prompt(it) for it in batch]
         if self.benchmark.mode == "rank":
             return self._rank(batch, prompts, embeds)
-        raws = self.model.generate(None, prompts, image_embeds=embeds, max_new_tokens=self.max_new_tokens,
-                                   do_sample=False, num_beams=1, stop_strings=self.stop_strings)
+        raws = None
+        if self.share_prefix:
+            raws = generate_shared_prefix(self.model, prompts, embeds, [it.image for it in batch],
+                                          max_new_tokens=self.max_new_tokens, stop_strings=self.stop_strings)
+        if raws is None:
+            raws = self.model.generate(None, prompts, image_embeds=embeds, max_new_tokens=self.max_new_tokens,
+                                       do_sample=False, num_beams=1, stop_strings=self.stop_strings)
         records = [{"id": it.id, "prompt": p, "raw": raw, "answer": self.benchmark.parse(raw)}
                    for it, p, raw in zip(batch, prompts, raws)]
         if self.benchmark.mode == "yesno":
@@ -203,7 +272,7 @@ class Runner:
 def run_eval(model, benchmark: str | Benchmark, data: Path | None, out: Path, *, model_name: str,
              split: str | None = None, images: Path | None = None, limit: int | None = None, batch_size: int = 16,
              template: str | None = None, max_new_tokens: int | None = None, stop: bool = True,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             share_prefix: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
     """Evaluate `model` on a benchmark and return the summary (also written to {out}/{name}.summary.json).
 
     Predictions are appended to {out}/{name}.predictions.jsonl one line per item as each batch finishes; a second run
@@ -218,7 +287,7 @@ def run_eval(model, benchmark: str | Benchmark, data: Path | None, out: Path, *,
                         images=Path(images) if images is not None else None)
     items = loaded.items[:limit] if limit is not None else loaded.items
     runner = Runner(model, bench, template=template or default_template(model), batch_size=batch_size,
-                    max_new_tokens=max_new_tokens or bench.max_new_tokens, stop=stop)
+                    max_new_tokens=max_new_tokens or bench.max_new_tokens, stop=stop, share_prefix=share_prefix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pred_path, summary_path, run_path = output_paths(out, bench.name, split)
@@ -229,7 +298,7 @@ def run_eval(model, benchmark: str | Benchmark, data: Path | None, out: Path, *,
     write_json_atomic(run_path, settings)
 
     done = {p["id"]: p for p in load_predictions(pred_path, repair=True)}
-    todo = [it for it in items if it.id not in done]
+    todo = group_by_image([it for it in items if it.id not in done])
     by_id = {it.id: it for it in items}
     strict_sum = sum(bench.score_item(by_id[i], p).strict for i, p in done.items() if i in by_id)
     scored = sum(1 for i in done if i in by_id)
@@ -253,7 +322,7 @@ def run_eval(model, benchmark: str | Benchmark, data: Path | None, out: Path, *,
     elapsed = time.perf_counter() - started
 
     kept = [p for p in load_predictions(pred_path) if p["id"] in by_id]  # a --limit run scores its first items only
-    summary = score_predictions(bench, items, kept, files=loaded.files, split=loaded.split)
+    summary = score_predictions(bench, items, kept, files=loaded.files, split=loaded.split, root=loaded.root)
     summary.update({
         "model": model_name,
         "config_sha256": settings["config_sha256"],
@@ -271,6 +340,15 @@ def run_eval(model, benchmark: str | Benchmark, data: Path | None, out: Path, *,
     })
     write_json_atomic(summary_path, summary)
     return summary
+
+
+def group_by_image(items: Sequence[Item]) -> list[Item]:
+    """Questions about one image next to each other (images in order of first appearance, questions in file
+    order), so a batch shares its images' prompt prefix and encodings. Only the processing order changes."""
+    first: dict[str, int] = {}
+    for i, it in enumerate(items):
+        first.setdefault(it.image, i)
+    return sorted(items, key=lambda it: first[it.image])
 
 
 def _check_resume(run_path: Path, pred_path: Path, settings: dict, overwrite: bool) -> None:

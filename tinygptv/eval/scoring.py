@@ -45,7 +45,7 @@ def load_predictions(path: Path, *, repair: bool = False) -> list[dict]:
 
 
 def score_predictions(bench: Benchmark, items: Sequence[Item], preds: Sequence[dict], *, files: Sequence[Path],
-                      split: str) -> dict:
+                      split: str, root: Path | None = None) -> dict:
     """Both scores over the items that have a prediction. Predictions for ids the benchmark does not have are an
     error (a wrong benchmark, split or file); items without a prediction are counted as `missing` and left out."""
     by_id = {it.id: it for it in items}
@@ -66,8 +66,18 @@ def score_predictions(bench: Benchmark, items: Sequence[Item], preds: Sequence[d
         "items": len(items),
         "missing": len(items) - len(pairs),
         "scores": bench.summarize(scored_items, scored_preds, scores),
-        "files": {str(p): sha256_file(p) for p in files},
+        "files": {_relative(p, root): sha256_file(p) for p in files},
     }
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    """A file's name relative to the data folder (summaries from different machines then compare)."""
+    if root is not None:
+        try:
+            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(path)
 
 
 def score_file(benchmark: str, data: Path | None, predictions: Path, *, split: str | None = None,
@@ -82,7 +92,7 @@ def score_file(benchmark: str, data: Path | None, predictions: Path, *, split: s
         items = items[:limit]
         wanted = {it.id for it in items}
         preds = [p for p in preds if p["id"] in wanted]
-    summary = score_predictions(bench, items, preds, files=loaded.files, split=loaded.split)
+    summary = score_predictions(bench, items, preds, files=loaded.files, split=loaded.split, root=loaded.root)
     summary["predictions"] = str(predictions)
     summary["predictions_sha256"] = sha256_file(predictions)
     return summary

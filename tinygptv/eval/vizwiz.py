@@ -56,7 +56,7 @@ class VizWiz(Benchmark):
                 instruction=prompt_for(self.name, question=field_of(r, "question", str, where)),
                 target=answers,
             ))
-        return Loaded(items, [path], "val")
+        return Loaded(items, [path], "val", data)
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)

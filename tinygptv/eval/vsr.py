@@ -1,6 +1,6 @@
 # VSR zero-shot test split: reader for the published JSONL, its prompt, and both scores.
 # Data path: test.jsonl + COCO 2017 images -> [this reader] -> prompt -> model.generate -> predictions -> [this scorer].
-"""VSR, Visual Spatial Reasoning (Liu et al. 2023), zero-shot split, test set (1,222 captions).
+"""VSR, Visual Spatial Reasoning (Liu et al. 2023), zero-shot split, test set.
 
 Files as published (Hugging Face dataset `cambridgeltl/vsr_zeroshot`, or `data/splits/zeroshot/` of the VSR GitHub
 repository); the images are COCO 2017 train and val images:
@@ -50,7 +50,7 @@ class VSR(Benchmark):
                 instruction=prompt_for(self.name, caption=field_of(row, "caption", str, where)),
                 target="true" if int(label) == 1 else "false",
             ))
-        return Loaded(items, [path], "zeroshot test")
+        return Loaded(items, [path], "zeroshot test", data)
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)

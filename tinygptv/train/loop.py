@@ -43,6 +43,10 @@ class Trainer:
         self.recipe = recipe
         self.dist = distributed.setup()
         self.device = self.dist.device
+        if self.device.type == "cpu":
+            # Denormal floats make CPU kernels (exp in SiLU/GELU, above all) orders of magnitude slower: measured
+            # 2 s -> 35 s per step once training produced them. Flushing them to zero changes nothing that matters.
+            torch.set_flush_denormal(True)
         torch.manual_seed(recipe.seed + self.dist.rank)
         random.seed(recipe.seed + self.dist.rank)
         self.run_dir = Path(recipe.output_dir)
@@ -83,8 +87,9 @@ class Trainer:
             key = entry.name if entry.name not in datasets else f"{entry.name}#{len(datasets)}"
             datasets[key] = DATASETS[entry.name](**{"seed": r.seed, **entry.args})
             ratios[key], sizes[key] = entry.sample_ratio, entry.batch_size
-        renderer = PromptRenderer(TEMPLATES[cfg.prompt.template], cfg.prompt.end_sym, r.image_prompt,
-                                  self.model.tokenizer.eos_token or "", r.instruction_suffix)
+        separator = r.turn_separator if r.turn_separator is not None else (self.model.tokenizer.eos_token or "")
+        renderer = PromptRenderer(TEMPLATES[cfg.prompt.template], cfg.prompt.end_sym, r.image_prompt, separator,
+                                  r.instruction_suffix)
         return MixedBatches(datasets, ratios, sizes, ImageProcessor(cfg.vision), renderer, seed=r.seed,
                             skip_bad=r.on_bad_record == "skip", rank=self.dist.rank,
                             world_size=self.dist.world_size)

@@ -13,7 +13,8 @@ from tinygptv.config import _build
 
 TUNE_CHOICES = {
     "vision": ("frozen", "full"),
-    "qformer": ("frozen", "full"),
+    # "cross_attention": only what a Q-Former started from a text BERT lacks (cross-attention, queries, ln_vision).
+    "qformer": ("frozen", "cross_attention", "full"),
     "projector": ("frozen", "full"),
     # "norms": TinyGPT-V's trainable norm weights only (stage 1); "lora+norms": stages 2-4.
     "llm": ("frozen", "norms", "lora", "lora+norms", "full"),
@@ -75,6 +76,9 @@ class Recipe:
     # an image or is a follow-up question (the official stage-4 readers add a space: instruction_suffix " ").
     image_prompt: str = "<Img><ImageHere></Img> {}"
     instruction_suffix: str = ""
+    # Text between an answer and the next question of a multi-turn sample; None = the tokenizer's EOS text, as the
+    # official code does (<|endoftext|> for Phi-2). ChatML recipes use "" (end_sym already closes the turn).
+    turn_separator: str | None = None
     accum_grad_steps: int = 1
     grad_clip: float | None = None  # the official recipe does not clip
     gradient_checkpointing: bool = False

@@ -44,7 +44,9 @@ def build_start_model(recipe: Recipe) -> tuple[TinyGPTV, str | None]:
     src = recipe.model
     directory, state, base_config = None, None, None
     if src.init_from:
-        directory = resolve_model_dir(src.init_from)
+        from tinygptv.serve.loading import resolve_name
+
+        directory = resolve_model_dir(resolve_name(src.init_from))
         base_config, state = collect_state(directory)
     config = start_config(recipe, base_config)
     if src.backbones:

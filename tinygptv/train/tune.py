@@ -17,7 +17,10 @@ def trainable_component(name: str, model, tune: Tune) -> str | None:
     if comp == "vision":
         return "vision" if tune.vision == "full" else None
     if comp in ("qformer", "ln_vision"):
-        return "qformer" if tune.qformer == "full" else None
+        if tune.qformer == "full":
+            return "qformer"
+        new_part = comp == "ln_vision" or name == "connector.query_tokens" or ".crossattention." in name
+        return "qformer" if tune.qformer == "cross_attention" and new_part else None
     if comp == "projector":
         return "projector" if tune.projector == "full" else None
     policy = tune.llm

@@ -55,21 +55,40 @@ def _train_only(split: str) -> None:
 
 @DATASETS.register("easyvqa")
 class EasyVQA(RecordDataset[EasyRecord]):
-    """Every train question, "[vqa] {question}" or the long [vqa] form -> the answer (one of 13 words)."""
+    """Every train question, "[vqa] {question}" or the long [vqa] form -> the answer (one of 13 words).
+
+    With questions_per_sample k > 1 a record is one image and a sample a conversation of up to k of its questions
+    in random order (the follow-ups in the short form): the image's tokens are paid once for k answers, which
+    matters on a CPU."""
 
     task = "vqa"
 
-    def __init__(self, split: str = "train", *, limit: int | None = None, seed: int = 0, check_images: bool = True):
+    def __init__(self, split: str = "train", *, questions_per_sample: int = 1, limit: int | None = None,
+                 seed: int = 0, check_images: bool = True):
         _train_only(split)
         (questions, answers, ids), paths = load_split(split)
-        records = [EasyRecord(paths[i], q, a, f"easy_vqa/{split}:{k}")
-                   for k, (q, a, i) in enumerate(zip(questions, answers, ids))]
+        self.per_sample = questions_per_sample
+        if questions_per_sample > 1:
+            grouped: dict[int, list] = defaultdict(list)
+            for q, a, i in zip(questions, answers, ids):
+                grouped[i].append((q, a))
+            records = [EasyRecord(paths[i], "", "", f"easy_vqa/{split}:image {i}") for i in sorted(grouped)]
+            self.questions = {paths[i]: grouped[i] for i in grouped}
+        else:
+            records = [EasyRecord(paths[i], q, a, f"easy_vqa/{split}:{k}")
+                       for k, (q, a, i) in enumerate(zip(questions, answers, ids))]
         super().__init__(records[:limit] if limit else records, origin=f"easy_vqa/{split}", seed=seed,
                          check_images=check_images)
 
     def make(self, record: EasyRecord, rng: random.Random) -> Sample:
-        return Sample(record.image, [(rng.choice(VQA_POOL).format(record.question), record.answer)], self.task,
-                      record.source)
+        if self.per_sample == 1:
+            return Sample(record.image, [(rng.choice(VQA_POOL).format(record.question), record.answer)], self.task,
+                          record.source)
+        pairs = self.questions[record.image]
+        chosen = rng.sample(pairs, min(self.per_sample, len(pairs)))
+        turns = [(rng.choice(VQA_POOL).format(chosen[0][0]), chosen[0][1])]
+        turns += [(VQA_POOL[0].format(q), a) for q, a in chosen[1:]]
+        return Sample(record.image, turns, self.task, record.source)
 
 
 @DATASETS.register("easyvqa_caption")

@@ -1,0 +1,82 @@
+# The nano model's own data: easy-VQA's train split (never its test split) as questions, conversations and derived
+# captions, and synthetic scenes whose boxes, answers and held-out split are deterministic and right.
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from tinygptv.data.datasets import build_dataset
+from tinygptv.data.datasets.easyvqa import image_labels
+from tinygptv.data.datasets.sample import DatasetError
+from tinygptv.data.datasets.text import VQA_POOL
+from tinygptv.data.scenes import COLOURS, make_scene, scene_image
+
+
+def test_easyvqa_trains_only_on_the_train_split():
+    with pytest.raises(DatasetError, match="'test' cannot be used for training"):
+        build_dataset("easyvqa", split="test")
+    ds = build_dataset("easyvqa", limit=50, seed=3)
+    sample = ds[7]
+    assert "/train/" in sample.image.replace("\\", "/")
+    instruction, answer = sample.turns[0]
+    assert any(instruction == pool.format(instruction.split(": ", 1)[-1].replace("[vqa] ", "")) for pool in VQA_POOL)
+    assert answer in {"yes", "no", "circle", "rectangle", "triangle", *COLOURS}
+
+
+def test_easyvqa_conversations_group_one_image():
+    ds = build_dataset("easyvqa", questions_per_sample=4, seed=0)
+    assert len(ds) == 4000  # one record per train image
+    sample = ds[0]
+    assert 2 <= len(sample.turns) <= 4
+    assert all(q.startswith("[vqa] ") for q, _ in sample.turns)
+    assert ds[0].turns == sample.turns  # deterministic per (seed, index, epoch)
+
+
+def test_caption_labels_come_from_the_image_questions():
+    qs = ["what color is the triangle?", "is there a red shape?"]
+    assert image_labels(qs, ["blue", "no"]) == ("blue", "triangle")
+    assert image_labels(["what shape is in the image?", "what color is the shape?"], ["circle", "red"]) == \
+        ("red", "circle")
+    ds = build_dataset("easyvqa_caption", instruction=False)
+    sample = ds[0]
+    assert sample.turns[0][0] is None and sample.turns[0][1].startswith("a ")
+
+
+def test_scenes_are_deterministic_and_held_out_differs():
+    assert make_scene(0, "train", 5) == make_scene(0, "train", 5)
+    train = [make_scene(0, "train", i) for i in range(20)]
+    test = [make_scene(0, "test", i) for i in range(20)]
+    assert train != test
+    for shapes in train:
+        names = [s.name for s in shapes]
+        assert len(set(names)) == len(names)  # every refer expression is unambiguous
+
+
+def test_scene_boxes_match_the_pixels(tmp_path):
+    shapes = make_scene(0, "train", 3)
+    image = Image.open(scene_image(tmp_path, 0, "train", 3)).convert("RGB")
+    for s in shapes:
+        x1, y1, x2, y2 = s.box
+        cx, cy = (x1 + x2) // 2, (y1 + y2) // 2 + (y2 - y1) // 4  # inside every shape kind (low centre)
+        assert image.getpixel((cx, cy)) == COLOURS[s.colour]
+        assert image.getpixel((max(0, x1 - 3), max(0, y1 - 3))) != COLOURS[s.colour]
+
+
+def test_scene_tasks_give_boxes_on_the_0_100_grid(tmp_path):
+    ds = build_dataset("scenes", count=3, tasks=["refer", "identify", "grounding"], root=str(tmp_path))
+    by_task = {}
+    for i in range(len(ds)):
+        by_task.setdefault(ds[i].task, ds[i])
+    shapes = make_scene(0, "train", 0)
+    refer_q, refer_a = by_task["refer"].turns[0]
+    assert refer_q.startswith("[refer] ")
+    target = next(s for s in shapes if s.name in refer_q)
+    x1, y1, x2, y2 = target.box
+    grid = [int(v / 224 * 100) for v in (x1, y1, x2, y2)]  # the official int(x / width * 100)
+    assert refer_a == "{<%d><%d><%d><%d>}" % tuple(grid)
+    ident_q, ident_a = by_task["identify"].turns[0]
+    assert ident_q.startswith("[identify] ") and ident_a in [s.name for s in shapes]
+    _, grounded = by_task["grounding"].turns[0]
+    assert grounded.count("<p>") == len(shapes)
+    with pytest.raises(ValueError, match="unknown task"):
+        build_dataset("scenes", count=1, tasks=["dance"], root=str(tmp_path))
