@@ -3,12 +3,9 @@
 # spliced text + image embeddings -> this LM -> next-token logits. Generation and caches come from transformers.
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import nn
 from transformers import LlamaConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -19,10 +16,10 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
-    eager_attention_forward,
 )
 
 from tinygptv.config import LLMConfig
+from tinygptv.model.llm.attention import attend
 
 
 def llama_config(cfg: LLMConfig, attn_implementation: str = "sdpa") -> LlamaConfig:
@@ -80,23 +77,7 @@ class TinyGPTVLlamaAttention(LlamaAttention):
 
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        out = out.reshape(*input_shape, -1).contiguous()  # [B, S, H*Dh]
+        out, weights = attend(self, query, key, value, attention_mask, cache, **kwargs)
         return self.o_proj(out), weights
 
 

@@ -3,13 +3,10 @@
 # Sits at the end of the data path: spliced text + image embeddings -> this LM -> next-token logits.
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 from transformers import PhiConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.phi.modeling_phi import (
     PhiAttention,
@@ -20,10 +17,10 @@ from transformers.models.phi.modeling_phi import (
     PhiPreTrainedModel,
     PhiRotaryEmbedding,
     apply_rotary_pos_emb,
-    eager_attention_forward,
 )
 
 from tinygptv.config import LLMConfig
+from tinygptv.model.llm.attention import attend
 
 
 def phi_config(cfg: LLMConfig, attn_implementation: str = "sdpa") -> PhiConfig:
@@ -95,23 +92,7 @@ class FusedQKVPhiAttention(PhiAttention):
         query = torch.cat((q_rot, query[..., r:]), dim=-1)
         key = torch.cat((k_rot, key[..., r:]), dim=-1)
 
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        out = out.reshape(batch, seq, -1).contiguous()  # [B, S, D]
+        out, weights = attend(self, query, key, value, attention_mask, cache, **kwargs)
         return self.dense(out), weights
 
 
