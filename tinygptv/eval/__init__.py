@@ -5,7 +5,7 @@
 model; `BENCHMARKS` maps each name (gqa, vsr, iconqa, vizwiz, hm, okvqa, refcoco, refcoco+, refcocog, easyvqa) to
 its reader and scorer. docs/eval.md says where each benchmark's files come from and how the scores differ."""
 from tinygptv.eval.base import BENCHMARKS, COMPATIBLE, SCORES, STRICT, Benchmark, Item, ItemScore, Loaded
-from tinygptv.eval import easyvqa, gqa, hm, iconqa, okvqa, refcoco, vizwiz, vsr  # noqa: F401  (registration)
+from tinygptv.eval import easyvqa, gqa, hm, iconqa, okvqa, refcoco, scenes, vizwiz, vsr  # noqa: F401
 from tinygptv.eval.hm import auroc
 from tinygptv.eval.prompts import PROMPTS
 from tinygptv.eval.refcoco import iou, official_iou, parse_box

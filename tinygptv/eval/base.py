@@ -60,6 +60,8 @@ class Benchmark:
     max_new_tokens: int = 20  # the official benchmark yaml uses 20 for every dataset
     # The template the official script used for this benchmark when the run uses the "eval" template, if different.
     eval_template: str | None = None
+    # Rank mode: the text the official script put after each candidate when run with the "eval" template.
+    eval_answer_suffix: str | None = None
     splits: tuple[str, ...] = ()  # selectable sub-splits (RefCOCO); empty: one fixed split
     needs_data: bool = True
 

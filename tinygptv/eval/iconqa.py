@@ -10,8 +10,10 @@ Files as published (https://iconqa.github.io, iconqa_data.zip):
 (`--data` may also be the folder that holds iconqa_data/.)
 
 How an answer is chosen (the official `multi_select`): for each candidate the model scores the prompt followed by
-"{candidate}###" (the answer plus end_sym, as in training, with the BOS embedding training prepends) and the
-candidate with the lowest mean token loss over that answer wins. The official script ran the training forward pass
+the candidate and an end symbol (with the BOS embedding the training forward pass prepends), and the candidate with
+the lowest mean token loss over that answer wins. The end symbol is "\n" in a run with the official template: the
+official benchmark config sets no end_sym, so MiniGPT-v2's default "\n" was used although stage 4 trained with
+"###"; with a model's own template it is that model's end_sym. The official script ran the training forward pass
 with batch size 1 because it averages the loss over the batch; we compute each candidate's own mean loss, so
 candidates are batched without changing the result. The official prompt here is the stage-3 training template
 `###Human: <Img><ImageHere></Img> {prompt} ###Assistant: ` (note the space before ###Assistant), not the
@@ -41,6 +43,7 @@ class IconQA(Benchmark):
     title = "IconQA choose_txt val"
     mode = "rank"
     eval_template = "stage3"
+    eval_answer_suffix = "\n"
 
     def read(self, data, *, split=None, images=None, need_images=True) -> Loaded:
         data = need_data(data, self.name)

@@ -125,11 +125,14 @@ def yes_probability(model, prompts: Sequence[str], embeds: torch.Tensor) -> list
 
 
 @torch.inference_mode()
-def candidate_losses(model, prompts: Sequence[str], embeds: torch.Tensor, answers: Sequence[str]) -> list[float]:
-    """Mean LM loss of each answer (+ end_sym) after its prompt, one value per row: the official multi_select's
-    per-candidate loss, computed per sample so candidates can share a batch. The BOS embedding is prepended, as the
-    training forward pass multi_select runs always does."""
-    inputs = model.build_inputs(prompts, embeds, answers, add_bos=True, padding_side="right")
+def candidate_losses(model, prompts: Sequence[str], embeds: torch.Tensor, answers: Sequence[str],
+                     suffix: str | None = None) -> list[float]:
+    """Mean LM loss of each answer + `suffix` (default: the model's end_sym) after its prompt, one value per row: the
+    official multi_select's per-candidate loss, computed per sample so candidates can share a batch. The BOS
+    embedding is prepended, as the training forward pass multi_select runs always does."""
+    suffix = model.config.prompt.end_sym if suffix is None else suffix
+    segments = [[(a + suffix, True)] for a in answers]  # supervised text as given: no second end_sym
+    inputs = model.build_inputs(prompts, embeds, segments, add_bos=True, padding_side="right")
     logits = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
     logits, labels = logits[:, :-1].float(), inputs.labels[:, 1:]  # position t predicts token t+1
     mask = labels != -100
@@ -217,11 +220,15 @@ class Runner:
         self.stop_strings = stops if stop else []
         self.images = EmbeddingCache(model)
         self.share_prefix = share_prefix
+        # what follows a candidate answer when ranking: the official benchmark config sets no end_sym, so the
+        # official run used MiniGPT-v2's default "\n" whatever the model was trained with
+        official = template == "eval" and benchmark.eval_answer_suffix is not None
+        self.answer_suffix = benchmark.eval_answer_suffix if official else model.config.prompt.end_sym
 
     def decoding(self) -> dict:
         if self.benchmark.mode == "rank":
-            return {"mode": "rank", "loss": "mean token cross-entropy of answer + end_sym", "add_bos": True,
-                    "end_sym": self.model.config.prompt.end_sym, "batch_size": self.batch_size}
+            return {"mode": "rank", "loss": "mean token cross-entropy of candidate + answer_suffix", "add_bos": True,
+                    "answer_suffix": self.answer_suffix, "batch_size": self.batch_size}
         d = {"mode": self.benchmark.mode, "do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
              "max_new_tokens": self.max_new_tokens, "stop_strings": self.stop_strings,
              "add_bos": self.model.config.prompt.bos_at_inference, "shared_prefix": self.share_prefix,
@@ -258,7 +265,7 @@ class Runner:
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
             losses += candidate_losses(self.model, [prompts[i] for i, _ in chunk],
-                                       embeds[[i for i, _ in chunk]], [c for _, c in chunk])
+                                       embeds[[i for i, _ in chunk]], [c for _, c in chunk], self.answer_suffix)
         records, k = [], 0
         for i, it in enumerate(batch):
             mine = losses[k:k + len(it.candidates)]
@@ -272,12 +279,15 @@ class Runner:
 def run_eval(model, benchmark: str | Benchmark, data: Path | None, out: Path, *, model_name: str,
              split: str | None = None, images: Path | None = None, limit: int | None = None, batch_size: int = 16,
              template: str | None = None, max_new_tokens: int | None = None, stop: bool = True,
-             share_prefix: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
+             share_prefix: bool = True, merge_lora: bool = False, overwrite: bool = False,
+             progress: bool = True) -> dict:
     """Evaluate `model` on a benchmark and return the summary (also written to {out}/{name}.summary.json).
 
     Predictions are appended to {out}/{name}.predictions.jsonl one line per item as each batch finishes; a second run
     into the same folder skips the ids already there (an interrupted run resumes; a --limit run can be extended).
-    {name}.run.json records the settings, and a resume with different settings is refused unless `overwrite`."""
+    {name}.run.json records the settings, and a resume with different settings is refused unless `overwrite`.
+    merge_lora folds LoRA into the LLM weights first (in place: the caller's model changes; the same function, ~25 %
+    faster on a CPU); the summary still records the config hash of the model as given."""
     from tqdm import tqdm
 
     bench = BENCHMARKS[benchmark] if isinstance(benchmark, str) else benchmark
@@ -286,14 +296,19 @@ def run_eval(model, benchmark: str | Benchmark, data: Path | None, out: Path, *,
     loaded = bench.read(Path(data) if data is not None else None, split=split,
                         images=Path(images) if images is not None else None)
     items = loaded.items[:limit] if limit is not None else loaded.items
+    model_hash = config_sha256(model)
+    merged = bool(merge_lora and model.config.lora.r > 0)
+    if merged:
+        model.merge_lora()
     runner = Runner(model, bench, template=template or default_template(model), batch_size=batch_size,
                     max_new_tokens=max_new_tokens or bench.max_new_tokens, stop=stop, share_prefix=share_prefix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pred_path, summary_path, run_path = output_paths(out, bench.name, split)
     settings = {"benchmark": bench.name, "split": loaded.split, "model": model_name,
-                "config_sha256": config_sha256(model), "template": runner.template, "decoding": runner.decoding()}
-    settings["decoding"] = {k: v for k, v in settings["decoding"].items() if k != "batch_size"}
+                "config_sha256": model_hash, "template": runner.template,
+                "decoding": {**runner.decoding(), "lora_merged": merged}}
+    settings["decoding"].pop("batch_size", None)
     _check_resume(run_path, pred_path, settings, overwrite)
     write_json_atomic(run_path, settings)
 
@@ -328,7 +343,7 @@ def run_eval(model, benchmark: str | Benchmark, data: Path | None, out: Path, *,
         "config_sha256": settings["config_sha256"],
         "template": runner.template,
         "prompt_example": runner.prompt(items[0]) if items else None,
-        "decoding": runner.decoding(),
+        "decoding": {**runner.decoding(), "lora_merged": merged},
         "limit": limit,
         "predictions": str(pred_path),
         "resumed_from": len(items) - len(todo),
