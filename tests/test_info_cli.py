@@ -84,3 +84,18 @@ def test_chat_keeps_the_conversation_and_the_image_embeddings(trained_dir, colou
     prompt = session.conversation.prompt()
     assert prompt.startswith("###Human: <Img><ImageHere></Img> what colour is it? ###Assistant: red###")
     assert prompt.count("<ImageHere>") == 1
+
+
+def test_grounding_boxes_are_drawn_where_the_grid_says(tmp_path):
+    from PIL import Image
+
+    from tinygptv.serve.draw import boxes_in, draw_boxes
+
+    answer = "There are two shapes: <p>a red circle</p> {<10><20><50><60>}, <p>a box</p> {<60><0><100><40>}."
+    assert boxes_in(answer) == [("a red circle", (10, 20, 50, 60)), ("a box", (60, 0, 100, 40))]
+    Image.new("RGB", (200, 100), (255, 255, 255)).save(tmp_path / "in.png")
+    assert draw_boxes(tmp_path / "in.png", answer, tmp_path / "out.png") == 2
+    out = Image.open(tmp_path / "out.png").convert("RGB")
+    assert out.getpixel((20, 40)) != (255, 255, 255)  # left edge of the first box: x = 10% of 200, y in 20-60
+    assert out.getpixel((60, 40)) == (255, 255, 255)  # inside the first box, away from its label
+    assert draw_boxes(tmp_path / "in.png", "no box here", tmp_path / "none.png") == 0

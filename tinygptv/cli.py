@@ -58,10 +58,18 @@ def cmd_ask(args) -> int:
     if args.image is not None:
         session.set_image(args.image)
     if args.no_stream:
-        print(session.ask(args.question, task=args.task))
+        answer = session.ask(args.question, task=args.task)
+        print(answer)
     else:
-        session.ask(args.question, task=args.task, on_text=lambda t: print(t, end="", flush=True))
+        answer = session.ask(args.question, task=args.task, on_text=lambda t: print(t, end="", flush=True))
         print()
+    if args.draw:
+        if args.image is None:
+            raise ValueError("--draw needs --image")
+        from tinygptv.serve.draw import draw_boxes
+
+        drawn = draw_boxes(args.image, answer, args.draw)
+        print(f"({drawn} box{'es' if drawn != 1 else ''} drawn into {args.draw})", file=sys.stderr)
     return 0
 
 
@@ -163,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--image", help="image file (PNG, JPEG, ...); without it the question is text-only")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
+    p.add_argument("--draw", metavar="OUT.png", help="draw the boxes of a grounding answer ({<x1><y1><x2><y2>}, "
+                                                      "with <p>phrase</p> labels) onto the image and save it")
     _add_model_args(p)
     p.set_defaults(func=cmd_ask)
 

@@ -1,0 +1,33 @@
+# Grounding answers drawn onto the image: every "{<x1><y1><x2><y2>}" box (0-100 grid) in an answer, with the phrase
+# of a "<p>phrase</p> {box}" pair as its label. The last step of `tinygptv ask --draw OUT.png`.
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from tinygptv.eval.refcoco import grid_to_pixels
+
+BOX_WITH_PHRASE = re.compile(r"(?:<p>([^<]*)</p>\s*)?\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+
+
+def boxes_in(answer: str) -> list[tuple[str, tuple[int, int, int, int]]]:
+    return [(m.group(1) or "", tuple(int(g) for g in m.groups()[1:])) for m in BOX_WITH_PHRASE.finditer(answer)]
+
+
+def draw_boxes(image_path: str | Path, answer: str, out: str | Path) -> int:
+    """Writes the image with the answer's boxes to `out`; returns how many boxes were drawn."""
+    image = Image.open(image_path).convert("RGB")
+    pen = ImageDraw.Draw(image)
+    found = boxes_in(answer)
+    width = max(2, round(min(image.size) / 150))
+    for k, (phrase, box) in enumerate(found):
+        colour = PALETTE[k % len(PALETTE)]
+        x1, y1, x2, y2 = grid_to_pixels(box, *image.size)
+        pen.rectangle((x1, y1, x2, y2), outline=colour, width=width)
+        if phrase:
+            pen.text((x1 + width, y1 + width), phrase, fill=colour)
+    image.save(out)
+    return len(found)
