@@ -320,3 +320,22 @@ def test_resume_cuts_a_half_written_line_and_refuses_other_settings(tmp_path, mo
         run_eval(model, "gqa", data, out, template="stage3", **kw)
     fresh = run_eval(model, "gqa", data, out, template="stage3", overwrite=True, **kw)
     assert fresh["resumed_from"] == 0 and fresh["template"] == "stage3"
+
+
+@pytest.fixture(scope="module")
+def nano():
+    from tinygptv.serve.loading import load_model
+
+    return load_model("tinygptv-nano")
+
+
+@pytest.mark.parametrize("benchmark", [*ALL, "scenes"])
+def test_every_benchmark_runs_with_the_bundled_nano_model(benchmark, nano, tmp_path):
+    """The default model through every benchmark's files: its own template, real answers, both scores."""
+    data = None if benchmark in ("easyvqa", "scenes") else fx.WRITERS[benchmark](tmp_path / "data")
+    summary = run_eval(nano, benchmark, data, tmp_path / "out", model_name="tinygptv-nano", limit=2, batch_size=2,
+                       max_new_tokens=6, progress=False)
+    preds = load_predictions(tmp_path / "out" / f"{benchmark}.predictions.jsonl")
+    assert summary["n"] == len(preds) == 2
+    assert preds[0]["prompt"].startswith("<|im_start|>user\n<Img><ImageHere></Img> ")
+    assert set(summary["scores"]) >= {"strict", "tinygptv-compatible"}
