@@ -212,3 +212,11 @@ def check_split(benchmark: Benchmark, split: str | None) -> list[str]:
     if split not in benchmark.splits:
         raise ValueError(f"{benchmark.name} has splits {', '.join(benchmark.splits)}, not {split!r}")
     return [split]
+
+
+def binary_label(row: dict, where: str) -> int:
+    """A 0/1 `label` field (VSR true/false, Hateful Memes hateful/not), checked and named in errors."""
+    label = field_of(row, "label", (int, bool), where)
+    if int(label) not in (0, 1):
+        raise DatasetError(f"{where}: field 'label' must be 0 or 1, got {label!r}")
+    return int(label)

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tinygptv.data.datasets.sample import DatasetError
 from tinygptv.eval.base import (
-    BENCHMARKS, COMPATIBLE, STRICT, Benchmark, ImageFinder, Item, ItemScore, Loaded, field_of, first_existing,
+    BENCHMARKS, COMPATIBLE, binary_label, STRICT, Benchmark, ImageFinder, Item, ItemScore, Loaded, field_of, first_existing,
     image_roots, need_data, percent, read_jsonl,
 )
 from tinygptv.eval.prompts import prompt_for
@@ -48,9 +47,7 @@ class HatefulMemes(Benchmark):
         items = []
         for i, row in enumerate(read_jsonl(path)):
             where = f"{path.name}:{i + 1}"
-            label = field_of(row, "label", (int, bool), where)
-            if int(label) not in (0, 1):
-                raise DatasetError(f"{where}: field 'label' must be 0 or 1, got {label!r}")
+            label = binary_label(row, where)
             items.append(Item(
                 id=str(field_of(row, "id", (int, str), where)),
                 image=finder.find(field_of(row, "img", str, where)),

@@ -18,9 +18,8 @@ Scores, per caption (label "true" or "false"):
 """
 from __future__ import annotations
 
-from tinygptv.data.datasets.sample import DatasetError
 from tinygptv.eval.base import (
-    BENCHMARKS, COMPATIBLE, Benchmark, ImageFinder, Item, ItemScore, Loaded, field_of, first_existing, image_roots,
+    BENCHMARKS, COMPATIBLE, binary_label, Benchmark, ImageFinder, Item, ItemScore, Loaded, field_of, first_existing, image_roots,
     need_data, percent, raw_text, read_jsonl,
 )
 from tinygptv.eval.prompts import prompt_for
@@ -41,9 +40,7 @@ class VSR(Benchmark):
         items = []
         for i, row in enumerate(read_jsonl(path)):
             where = f"{path.name}:{i + 1}"
-            label = field_of(row, "label", (int, bool), where)
-            if int(label) not in (0, 1):
-                raise DatasetError(f"{where}: field 'label' must be 0 or 1, got {label!r}")
+            label = binary_label(row, where)
             items.append(Item(
                 id=str(i),
                 image=finder.find(field_of(row, "image", str, where)),
