@@ -35,11 +35,14 @@ def tiny_recipe(tmp_path, *overrides) -> Recipe:
 
 
 def test_tiny_recipe_trains_and_the_loss_drops(tmp_path):
-    summary = Trainer(tiny_recipe(tmp_path)).train()
+    trainer = Trainer(tiny_recipe(tmp_path))
+    summary = trainer.train()
     losses = [loss for _, loss in summary["losses"]]
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     final = TinyGPTV.from_pretrained(tmp_path / "run" / "final")
+    trained = trainer.model.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in final.state_dict().items())
     # the final folder holds only what trained and names its base relative to itself
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["base_model"] == "../base"

@@ -130,36 +130,32 @@ class MixedBatches:
             self.state.cursors[name] = cursor + 1
             return cursor, sample
 
+    def _next_indexed(self, name: str) -> tuple[int, None]:
+        order, cursor = self._order(name), self.state.cursors.get(name, 0)
+        if cursor >= len(order):  # only reachable when bad records were skipped
+            self._next_pass(name)
+            order, cursor = self._order(name), 0
+        self.state.cursors[name] = cursor + 1
+        return order[cursor], None
+
     def next_batch(self) -> Batch:
         name = self.choose(self.state.step)
         self.state.step += 1
         size = self.batch_sizes[name]
-        if self._streamed(name):
-            samples = []
-            while len(samples) < size:
-                index, sample = self._next_streamed(name)
-                loaded = self._load(name, index, sample)
-                if loaded is not None:
-                    samples.append(loaded)
-            per_rank = size // self.world_size
-            return self._collate(name, samples[self.rank * per_rank:(self.rank + 1) * per_rank])
-        if len(self._order(name)) - self.state.cursors.get(name, 0) < size:
+        streamed = self._streamed(name)
+        if not streamed and len(self._order(name)) - self.state.cursors.get(name, 0) < size:
             self._next_pass(name)  # drop_last: a batch does not mix the end of one pass with the next
         samples: list[tuple[int, Sample, Any]] = []
         bad = 0
         while len(samples) < size:
-            order, cursor = self._order(name), self.state.cursors.get(name, 0)
-            if cursor >= len(order):  # only reachable when bad records were skipped
-                self._next_pass(name)
-                continue
-            self.state.cursors[name] = cursor + 1
-            loaded = self._load(name, order[cursor])
+            index, sample = self._next_streamed(name) if streamed else self._next_indexed(name)
+            loaded = self._load(name, index, sample)
             if loaded is not None:
                 samples.append(loaded)
-            else:
-                bad += 1
-                if bad > len(order):
-                    raise DatasetError(f"dataset {name!r}: every record read in a whole pass was bad")
+                continue
+            bad += 1
+            if not streamed and bad > len(self.datasets[name]):
+                raise DatasetError(f"dataset {name!r}: every record read in a whole pass was bad")
         per_rank = size // self.world_size
         return self._collate(name, samples[self.rank * per_rank:(self.rank + 1) * per_rank])
 

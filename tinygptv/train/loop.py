@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import random
 import sys
@@ -271,7 +270,3 @@ class Trainer:
             (self.run_dir / "recipe.json").write_text(json.dumps(recipe_dict(self.recipe), indent=2) + "\n")
             print(f"final model: {final}", file=sys.stderr)
         distributed.barrier(self.dist)
-
-
-def summarize_recipe(recipe: Recipe) -> str:
-    return json.dumps(dataclasses.asdict(recipe), indent=2)

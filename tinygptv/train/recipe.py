@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from tinygptv.config import _build
+from tinygptv.data.templates import IMAGE_PROMPT
 
 TUNE_CHOICES = {
     "vision": ("frozen", "full"),
@@ -74,7 +75,7 @@ class Recipe:
     image_size: int | None = None
     # How an image instruction is written before the template wraps it, and what follows every instruction that has
     # an image or is a follow-up question (the official stage-4 readers add a space: instruction_suffix " ").
-    image_prompt: str = "<Img><ImageHere></Img> {}"
+    image_prompt: str = IMAGE_PROMPT
     instruction_suffix: str = ""
     # Text between an answer and the next question of a multi-turn sample; None = the tokenizer's EOS text, as the
     # official code does (<|endoftext|> for Phi-2). ChatML recipes use "" (end_sym already closes the turn).
