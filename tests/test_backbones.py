@@ -11,6 +11,7 @@ import os
 import easy_vqa
 import pytest
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -136,7 +137,7 @@ def test_efficientnet_loads_strictly_and_gives_a_7x7_grid():
     assert set(file_state) - set(state) == {"_fc.weight", "_fc.bias"}  # only the classifier is skipped
     tower = EfficientNetLite0(cfg)
     tower.load_state_dict(state, strict=True)
-    assert (tower.num_tokens, tower.num_features) == (49, 1280)
+    assert (tower.num_tokens, tower.num_features) == (49, 1280 + 35 + 32)
     tower.train()
     assert not tower.training  # frozen BatchNorm statistics stay frozen
     paths = list(easy_vqa.get_test_image_paths().values())[:2]
@@ -145,11 +146,35 @@ def test_efficientnet_loads_strictly_and_gives_a_7x7_grid():
     with torch.no_grad():
         tokens = tower(pixels)
         logits = imagenet_logits(tower, file_state["_fc.weight"], file_state["_fc.bias"], pixels)  # the package's head
-    assert tokens.shape == (2, 49, 1280)
-    assert torch.isfinite(tokens).all() and tokens.min() >= 0 and tokens.max() <= 6  # after ReLU6
-    assert 0.01 < (tokens > 0).float().mean() < 0.9  # neither dead nor saturated
-    assert (tokens[0] - tokens[1]).abs().mean() > 0.05  # two different images, two different grids
+    assert tokens.shape == (2, 49, 1280 + 35 + 32)
+    head = tokens[..., :1280]
+    assert torch.isfinite(head).all() and head.min() >= 0 and head.max() <= 6  # after ReLU6
+    assert 0.01 < (head > 0).float().mean() < 0.9  # neither dead nor saturated
+    assert (head[0] - head[1]).abs().mean() > 0.05  # two different images, two different grids
     assert logits.softmax(-1).max() > 10 / 1000  # a real classifier is far from uniform over the 1000 classes
+
+
+def test_efficientnet_tokens_carry_their_cells_colour_and_position():
+    """The extras the nano model needs for colour questions and boxes: a cell's colour features follow the pixels
+    under it, and every cell has its own position code, the same in every image."""
+    cfg = preset("nano").vision
+    tower = EfficientNetLite0(cfg)
+    tower.load_state_dict(efficientnet_state(cfg), strict=True)
+    image = Image.new("RGB", (224, 224), (250, 250, 250))
+    image.paste((220, 30, 30), (0, 0, 96, 224))  # red over the three left columns of 32-px cells
+    image.paste((30, 60, 230), (128, 0, 224, 224))  # blue over the three right columns
+    pixels = ImageProcessor(cfg)([image, Image.new("RGB", (224, 224), (0, 0, 0))])
+    with torch.no_grad():
+        tokens = tower(pixels).reshape(2, 7, 7, -1)  # row-major grid
+    rgb = tokens[0, ..., 1280:1283]  # mean normalised RGB of each cell
+    assert torch.allclose(rgb[:, 0], torch.tensor([220, 30, 30]).sub(127).div(128).expand(7, 3), atol=1e-5)
+    assert torch.allclose(rgb[:, 6], torch.tensor([30, 60, 230]).sub(127).div(128).expand(7, 3), atol=1e-5)
+    stem = tokens[0, ..., 1283:1315]
+    assert (stem[:, 0] - stem[:, 6]).abs().max() > 0.1  # the stem's colour filters see red and blue apart
+    position = tokens[..., 1315:]
+    assert torch.equal(position[0], position[1])  # independent of the image
+    codes = position[0].reshape(49, -1)
+    assert torch.cdist(codes, codes).add(torch.eye(49) * 1e3).min() > 0.1  # 49 distinct cells
 
 
 # --- GGUF -> safetensors cache ---------------------------------------------------------------------------------------
@@ -325,7 +350,7 @@ def test_qformer_starts_from_minilm_except_cross_attention(nano):
             assert torch.equal(qformer[f"encoder.layer.{n}.{ours}"], bert[f"encoder.layer.{n}.{theirs}"])
     cross = {k: v for k, v in qformer.items() if ".crossattention." in k}
     assert len(cross) == 3 * 10  # layers 0, 2, 4: q/k/v/out dense weight+bias, LayerNorm weight+bias
-    assert cross["encoder.layer.0.crossattention.attention.key.weight"].shape == (384, 1280)
+    assert cross["encoder.layer.0.crossattention.attention.key.weight"].shape == (384, 1280 + 35 + 32)
     query = cross["encoder.layer.0.crossattention.attention.query.weight"]
     assert not any(v.shape == query.shape and torch.equal(v, query) for v in bert.values())
     assert abs(query.std().item() - 0.02) < 0.002

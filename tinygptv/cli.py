@@ -9,16 +9,13 @@ from pathlib import Path
 
 from tinygptv.data.templates import TASK_TAGS, TEMPLATES
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from tinygptv.serve.loading import DEFAULT_MODEL
+    from tinygptv.serve.loading import DEFAULT_MODEL, add_precision_args
 
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="a model folder in our format, a Hugging Face Hub id, or a preset name (random weights); "
                         f"default: {DEFAULT_MODEL}")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight precision (default fp32)")
+    add_precision_args(p)
     p.add_argument("--template", choices=TEMPLATES.names(), default=None,
                    help="prompt template (default: the one the model was trained with)")
     p.add_argument("--task", choices=TASK_TAGS, default=None, help="prepend a stage-4 task tag such as [vqa]")
@@ -42,13 +39,10 @@ def _generate_kwargs(args) -> dict:
 
 
 def _session(args):
-    import torch
-
     from tinygptv.serve.chat import ChatSession
-    from tinygptv.serve.loading import load_model
+    from tinygptv.serve.loading import load_for_args
 
-    model = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype != "fp32" else None)
-    return ChatSession(model, template=args.template, **_generate_kwargs(args))
+    return ChatSession(load_for_args(args), template=args.template, **_generate_kwargs(args))
 
 
 def cmd_ask(args) -> int:
@@ -236,9 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "packages the nano model is built from) and record BASE as the folder's base")
     p.set_defaults(func=cmd_export)
 
+    from tinygptv.bench.cli import add_bench_parser
     from tinygptv.eval.cli import add_eval_parser
+    from tinygptv.quant.cli import add_quantize_parser
+    from tinygptv.serve.demo_cli import add_demo_parser
+    from tinygptv.serve.serve_cli import add_serve_parser
 
     add_eval_parser(sub)
+    add_serve_parser(sub)
+    add_demo_parser(sub)
+    add_quantize_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

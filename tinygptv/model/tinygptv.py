@@ -61,9 +61,15 @@ class TinyGPTV(nn.Module):
         tokenizer = load_tokenizer(directory)
         with torch.device("meta"):
             model = cls(config, tokenizer)
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            model.to(dtype)
+        if config.quant != "none":  # a copy saved by `tinygptv quantize`: its layers are quantized before loading
+            from tinygptv.quant import prepare_for_quantized_weights
+
+            prepare_for_quantized_weights(model, config.quant)
+        elif dtype is not None:
+            for k, v in state.items():  # one tensor at a time, so the file's copy is freed as it goes
+                if v.is_floating_point():
+                    state[k] = v.to(dtype)
+            cast_weights(model, dtype)
         load_into(model, state, str(directory))
         model.freeze_as_official()
         return model.eval()
@@ -281,6 +287,17 @@ class TinyGPTV(nn.Module):
         out = self.llm.generate(**gen_kwargs)  # [B, new tokens]: with inputs_embeds only new tokens come back
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [cut_at_stop(t, stops).strip() for t in texts]
+
+
+def cast_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """module.to(dtype) for weights and saved buffers only: computed tables (rotary inverse frequencies) stay fp32, as a
+    model built in that dtype has them; casting them too would round the rotary angles to bf16."""
+    kept = [(m, n, b) for m in module.modules() for n, b in m.named_buffers(recurse=False)
+            if n in m._non_persistent_buffers_set and b is not None]
+    module.to(dtype)
+    for m, n, b in kept:
+        setattr(m, n, b)
+    return module
 
 
 def load_tokenizer(directory):

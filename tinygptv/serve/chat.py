@@ -39,9 +39,14 @@ class ChatSession:
         self.conversation.add_user(with_task(question, task), with_image=first and self.image_embeds is not None)
         images = [self.image_embeds[0] if self.image_embeds is not None else None]
         prompt = self.conversation.prompt()
-        pieces = stream_generate(self.model, None, prompt, on_text=on_text, image_embeds=images,
-                                 **self.generate_kwargs)
-        answer = "".join(pieces).strip()
+        if self.generate_kwargs.get("num_beams", 1) > 1:  # transformers cannot stream beam search: one piece
+            answer = self.model.generate(None, [prompt], image_embeds=images, **self.generate_kwargs)[0]
+            if on_text is not None:
+                on_text(answer)
+        else:
+            pieces = stream_generate(self.model, None, prompt, on_text=on_text, image_embeds=images,
+                                     **self.generate_kwargs)
+            answer = "".join(pieces).strip()
         self.conversation.add_answer(answer)
         return answer
 

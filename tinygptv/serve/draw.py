@@ -1,5 +1,5 @@
 # Grounding answers drawn onto the image: every "{<x1><y1><x2><y2>}" box (0-100 grid) in an answer, with the phrase
-# of a "<p>phrase</p> {box}" pair as its label. The last step of `tinygptv ask --draw OUT.png`.
+# of a "<p>phrase</p> {box}" pair as its label. The last step of `tinygptv ask --draw OUT.png` and of the web demo.
 from __future__ import annotations
 
 import re
@@ -19,7 +19,15 @@ def boxes_in(answer: str) -> list[tuple[str, tuple[int, int, int, int]]]:
 
 def draw_boxes(image_path: str | Path, answer: str, out: str | Path) -> int:
     """Writes the image with the answer's boxes to `out`; returns how many boxes were drawn."""
-    image = Image.open(image_path).convert("RGB")
+    image, drawn = draw_on(Image.open(image_path), answer)
+    image.save(out)
+    return drawn
+
+
+def draw_on(image: Image.Image, answer: str) -> tuple[Image.Image, int]:
+    """An RGB copy of `image` with the answer's boxes drawn on it, and how many there were. In memory, for the web
+    demo; `draw_boxes` wraps it for files."""
+    image = image.convert("RGB")  # always a copy, so the caller's image stays clean
     pen = ImageDraw.Draw(image)
     found = boxes_in(answer)
     width = max(2, round(min(image.size) / 150))
@@ -29,5 +37,4 @@ def draw_boxes(image_path: str | Path, answer: str, out: str | Path) -> int:
         pen.rectangle((x1, y1, x2, y2), outline=colour, width=width)
         if phrase:
             pen.text((x1 + width, y1 + width), phrase, fill=colour)
-    image.save(out)
-    return len(found)
+    return image, len(found)

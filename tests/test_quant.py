@@ -1,0 +1,130 @@
+# Quantization (tinygptv.quant): the int8 / int4 layers compute what their codes say, a quantized model keeps its
+# answers, saved quantized copies load back exactly, presets build straight into the quantized form.
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import QUESTION, tiny_model
+from tinygptv.cli import main
+from tinygptv.config import preset
+from tinygptv.data.image_processor import ImageProcessor
+from tinygptv.data.templates import single_prompt
+from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.quant import (
+    Int4Linear, Int8DynamicLinear, Int8Linear, build_random_quantized, quantize_model, weight_bytes_per_token,
+)
+from tinygptv.serve.chat import ChatSession
+from tinygptv.serve.loading import load_model
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    return nn.Linear(256, 96).eval()
+
+
+def test_int8_layer_matches_its_codes_and_the_original(linear):
+    q = Int8Linear.from_linear(linear)
+    assert q.weight_int8.dtype == torch.int8 and q.weight_int8.abs().max() == 127
+    dequant = q.weight_int8.float() * q.weight_scale.float()[:, None]
+    assert (dequant - linear.weight).abs().max() <= linear.weight.abs().max() / 127  # half a step, bf16 scale
+    x = torch.randn(5, 256)
+    y = q(x)
+    expected = x.bfloat16().float() @ dequant.T + linear.bias.bfloat16().float()
+    assert torch.allclose(y, expected, rtol=2e-2, atol=2e-2)
+    assert (y - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
+
+
+def test_int4_layer_matches_its_codes_and_keeps_groups(linear):
+    q = Int4Linear.from_linear(linear)
+    assert q.group_size == 128 and q.codes().min() >= 0 and q.codes().max() <= 15
+    x = torch.randn(5, 256)
+    expected = x.bfloat16().float() @ q.dequantized_weight().T + linear.bias.bfloat16().float()
+    assert torch.allclose(q(x), expected, rtol=2e-2, atol=3e-2)
+    step = (linear.weight.reshape(96, 2, 128).amax(-1) - linear.weight.reshape(96, 2, 128).amin(-1)) / 15
+    assert ((q.dequantized_weight() - linear.weight).abs().reshape(96, 2, 128).amax(-1) <= step * 0.51 + 1e-2).all()
+    assert Int4Linear.from_linear(nn.Linear(96, 16)).group_size == 32  # the widest group that divides the input
+    for shape in ((100, 16), (96, 8)):
+        with pytest.raises(ValueError, match="does not fit the kernel"):
+            Int4Linear(*shape, bias=False)
+
+
+def test_int8_dynamic_layer_is_close(linear):
+    q = Int8DynamicLinear.from_linear(linear)
+    x = torch.randn(5, 256)
+    assert (q(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "int8-dynamic"])
+def test_quantized_copy_keeps_answers_and_loads_back_exactly(mode, trained_dir, colour_images, tmp_path, capsys):
+    model = load_model(trained_dir, quant=mode)
+    assert model.config.quant == mode and model.config.lora.r == 0
+    kinds = {type(m) for m in model.llm.modules()}
+    if mode != "bf16":
+        assert nn.Linear not in kinds  # every LLM linear was swapped (tiny widths are multiples of 32)
+    # the learned answers survive quantization: each image's own colour stays the likelier answer by a margin
+    pixels = ImageProcessor(model.config.vision)([colour_images["red"], colour_images["blue"]])
+    prompt = single_prompt("stage3", QUESTION)
+    with torch.inference_mode():
+        right = model(pixels, [prompt] * 2, ["red", "blue"]).loss
+        wrong = model(pixels, [prompt] * 2, ["blue", "red"]).loss
+    assert right + 0.5 < wrong
+    # --quant reaches the model the CLI answers with
+    session = ChatSession(model, max_new_tokens=8)
+    session.set_image(colour_images["red"])
+    assert main(["ask", "--model", trained_dir, "--quant", mode, "--image", colour_images["red"],
+                 "--max-new-tokens", "8", "--no-stream", QUESTION]) == 0
+    assert capsys.readouterr().out.strip() == session.ask(QUESTION)
+    # tinygptv quantize: a report, then a folder that loads as it was saved
+    out = tmp_path / "q"
+    assert main(["quantize", trained_dir, "--quant", mode, "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["positions"] > 50 and 0.5 <= report["top1_agreement"] <= 1 and report["mean_kl"] >= 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["quant"] == mode and saved["base_model"] is None
+    again = TinyGPTV.from_pretrained(out)
+    ids = [model.tokenize(QUESTION)]
+    with torch.inference_mode():
+        a = model.llm(input_ids=torch.tensor(ids)).logits
+        b = again.llm(input_ids=torch.tensor(ids)).logits
+    assert torch.equal(a, b)
+    other = "int4" if mode != "int4" else "int8"
+    with pytest.raises(ValueError, match=f"saved quantized as {mode}"):
+        load_model(str(out), quant=other)
+
+
+def test_preset_builds_directly_quantized_with_the_expected_bytes():
+    fp32 = tiny_model().merge_lora()
+    int8 = build_random_quantized(preset("tiny"), "int8")
+    int4 = build_random_quantized(preset("tiny"), "int4")
+    assert not any(p.is_meta for p in int4.parameters()) and not any(b.is_meta for b in int4.buffers())
+    assert all(p.dtype == torch.bfloat16 for p in int4.parameters())
+    linear_fp32 = sum(m.weight.numel() * 4 for m in fp32.llm.modules() if type(m) is nn.Linear)
+    linear_int8 = sum(m.weight_bytes for m in int8.llm.modules() if isinstance(m, Int8Linear))
+    assert linear_fp32 / 4 <= linear_int8 <= linear_fp32 / 4 * 1.1  # one byte a weight plus scales
+    b32, b8, b4 = (weight_bytes_per_token(m) for m in (fp32, int8, int4))
+    assert b4 < b8 < b32 / 2
+    # the fp32 count by hand: every LLM parameter except the embedding table, which is read one row per token
+    emb = fp32.llm.get_input_embeddings().weight
+    by_hand = sum(p.numel() * 4 for p in fp32.llm.parameters()) - emb.numel() * 4 + emb.shape[1] * 4
+    if fp32.llm.get_output_embeddings().weight is emb:  # tied: lm_head reads the whole table
+        by_hand += emb.numel() * 4
+    assert b32 == by_hand
+    ids = torch.tensor([fp32.tokenize("hello")])
+    with torch.inference_mode():  # the bf16 / int4 kernels run end to end on the quantized build
+        assert torch.isfinite(int4.llm(input_ids=ids).logits).all()
+
+
+def test_unknown_mode_and_dtype_with_quant_are_refused():
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        load_model("tiny", quant="int3", quiet=True)
+    with pytest.raises(ValueError, match="either a dtype or a quantization"):
+        load_model("tiny", dtype=torch.bfloat16, quant="int8", quiet=True)
+    model = tiny_model()
+    quantize_model(model, "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, "int4")

@@ -1,0 +1,136 @@
+# `tinygptv bench`: its arguments and the command itself. tinygptv/cli.py registers it with add_bench_parser(sub);
+# `python -m tinygptv.bench.cli ...` runs it alone. Flow: arguments -> runner.py jobs -> report.py table + JSON.
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_PRESET = "tinygptv-stage3"
+
+
+def quant_modes() -> tuple[str, ...]:
+    """The precisions load_model accepts; imported only when bench runs (it imports torch)."""
+    from tinygptv.quant import QUANT_MODES
+
+    return tuple(QUANT_MODES)
+
+
+def quant_list(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    known = quant_modes()
+    unknown = [m for m in modes if m not in known]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown quant mode(s) {unknown or [text]}; known: {','.join(known)}")
+    if len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"a quant mode is listed twice: {text}")
+    return modes
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `bench` to the main parser's sub-parsers."""
+    from tinygptv.config import PRESETS
+
+    p = subparsers.add_parser(
+        "bench", help="measure encode, prefill, decode, end-to-end time and peak memory per precision",
+        description="For a preset (random weights: nothing to download) or a checkpoint, and each precision, measure "
+                    "image encoding, prefill and decode speed, one whole answer and the peak memory of the process "
+                    "(each precision in its own process, loading included). The same run measures the machine's "
+                    "memory bandwidth and GEMM throughput and reports decode as a fraction of the bandwidth bound "
+                    "and encoding as a fraction of GEMM throughput, and a stock-transformers fp32 reference for the "
+                    "speed-up. Prints a table, writes JSON; never fails on a slow number. docs/bench.md explains "
+                    "every column.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a model folder of ours, a Hub id or a bundled model name")
+    src.add_argument("--preset", choices=PRESETS.names(),
+                     help=f"a preset with random weights (default: {DEFAULT_PRESET}, the full-size model)")
+    p.add_argument("--quant", type=quant_list, default=None,
+                   help="comma-separated precisions from tinygptv.quant.QUANT_MODES (none = fp32 as saved, bf16, "
+                        "int8, int4, ...; default: all of them)")
+    p.add_argument("--image-size", type=_at_least(1), default=None,
+                   help="image size in px (presets only; default: the model's)")
+    p.add_argument("--image", help="encode this image file instead of random pixels (same speed, real input)")
+    p.add_argument("--prompt-tokens", type=_at_least(0), default=64,
+                   help="text tokens of the prompt; the image embeddings are spliced in on top (default 64)")
+    p.add_argument("--new-tokens", type=_at_least(2), default=20, help="tokens each answer decodes (default 20)")
+    p.add_argument("--warmup", type=_at_least(0), default=1, help="untimed runs before timing (default 1)")
+    p.add_argument("--repeats", type=_at_least(1), default=3, help="timed runs; medians are reported (default 3)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the stock transformers fp32 eager reference (default: yes)")
+    p.add_argument("--out", type=Path, default=Path("bench-results.json"),
+                   help="JSON results file (default bench-results.json)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--bandwidth-gib", type=float, default=1.0,
+                   help="size of the buffer the bandwidth is measured over (default 1 GiB)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before one job is given up (default 3600)")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def settings_from_args(args):
+    from tinygptv.bench.runner import Settings
+
+    if args.image is not None:
+        from tinygptv.data.image_processor import open_image
+
+        open_image(args.image)  # fail now, with the file's name, not once per job
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device")
+    if args.bandwidth_gib <= 0:
+        raise ValueError("--bandwidth-gib must be positive")
+    return Settings(
+        model=args.model or args.preset or DEFAULT_PRESET, quant=args.quant or list(quant_modes()),
+        image_size=args.image_size, image=args.image, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+        warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device,
+        reference=args.reference, bandwidth_gib=args.bandwidth_gib, timeout_s=args.timeout,
+    )
+
+
+def cmd_bench(args) -> int:
+    """Exit status 0 when every job produced its row, 1 when one failed (its row says why); the table and the JSON
+    are written either way."""
+    from tinygptv.bench.report import assemble, format_table, write_json
+    from tinygptv.bench.runner import plan_jobs, run_jobs
+
+    settings = settings_from_args(args)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    rows = run_jobs(plan_jobs(settings), timeout_s=settings.timeout_s, log=log)
+    result = assemble(settings.to_dict(), rows)
+    print(format_table(result))
+    write_json(args.out, result)
+    log(f"bench: wrote {args.out}")
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinygptv")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError) as e:
+        print(f"tinygptv bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

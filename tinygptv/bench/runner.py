@@ -1,0 +1,127 @@
+# Runs the bench's jobs one after another, each in its own worker process (worker.py), and turns whatever happened
+# (a result, an exception, an out-of-memory kill, a timeout) into one row. Called by cli.py; rows go to report.py.
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tinygptv.bench.worker import MARKER
+
+STDERR_TAIL_LINES = 30
+
+
+@dataclass
+class Settings:
+    model: str
+    quant: list[str]
+    image_size: int | None = None
+    image: str | None = None
+    prompt_tokens: int = 64
+    new_tokens: int = 20
+    warmup: int = 1
+    repeats: int = 3
+    threads: int | None = None
+    device: str = "cpu"
+    reference: bool = True
+    bandwidth_gib: float = 1.0
+    timeout_s: float = 3600.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_jobs(s: Settings) -> list[dict]:
+    """Machine roofs first, then each precision, then the stock reference. Jobs run one at a time: two at once would
+    share the memory bus and the cores they are trying to measure."""
+    common = dict(model=s.model, image_size=s.image_size, image=s.image, prompt_tokens=s.prompt_tokens,
+                  new_tokens=s.new_tokens, warmup=s.warmup, repeats=s.repeats, threads=s.threads, device=s.device)
+    jobs = [dict(kind="machine", mode="machine", device=s.device, threads=s.threads, bandwidth_gib=s.bandwidth_gib)]
+    jobs += [dict(common, kind="tinygptv", mode=q, quant=q) for q in s.quant]
+    if s.reference:
+        jobs.append(dict(common, kind="reference", mode="reference"))
+    return jobs
+
+
+def worker_env(threads: int | None) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding tinygptv/, wherever it is
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _pump(stream, prefix: str, tail: collections.deque) -> None:
+    for line in stream:
+        line = line.rstrip("\n")
+        tail.append(line)
+        print(f"{prefix}{line}", file=sys.stderr, flush=True)
+
+
+def run_worker(job: dict, *, timeout_s: float) -> dict:
+    """Run one job and return its row; never raises for the job's own failure. Worker stderr is forwarded live
+    (prefixed with the mode) so a user sees progress, and its tail is kept for the row of a failed job."""
+    cmd = [sys.executable, "-m", "tinygptv.bench.worker", json.dumps(job)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=worker_env(job.get("threads")))
+    tail: collections.deque = collections.deque(maxlen=STDERR_TAIL_LINES)
+    out: list[str] = []
+    pumps = [threading.Thread(target=_pump, args=(proc.stderr, f"  [{job['mode']}] ", tail), daemon=True),
+             threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)]
+    for t in pumps:
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    for t in pumps:
+        t.join(timeout=10)
+    result = None
+    for line in reversed(out):
+        if line.startswith(MARKER):
+            result = json.loads(line[len(MARKER):])
+            break
+    if result is not None and result.get("ok") and proc.returncode == 0:
+        return result
+    row = {"kind": job["kind"], "mode": job["mode"], "ok": False, "returncode": proc.returncode,
+           "stderr_tail": "\n".join(tail)}
+    if timed_out:
+        row["error"] = f"timed out after {timeout_s:g} s"
+    elif result is not None and result.get("error"):
+        row["error"] = result["error"]
+        row["traceback"] = result.get("traceback")
+    else:
+        row["error"] = exit_reason(proc.returncode)
+    return row
+
+
+def exit_reason(returncode: int) -> str:
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (the kernel's out-of-memory killer sends this)" if -returncode == signal.SIGKILL else ""
+        return f"worker killed by {name}{hint}"
+    return f"worker exited with status {returncode} without a result"
+
+
+def run_jobs(jobs: list[dict], *, timeout_s: float, log) -> list[dict]:
+    rows = []
+    for i, job in enumerate(jobs, 1):
+        log(f"bench: [{i}/{len(jobs)}] {job['mode']}")
+        row = run_worker(job, timeout_s=timeout_s)
+        if not row.get("ok"):
+            log(f"bench: {job['mode']} FAILED: {row['error']}")
+        rows.append(row)
+    return rows

@@ -1,0 +1,155 @@
+# What a bench worker measures on a TinyGPT-V model: load it at one precision, then time the data path as `ask`
+# runs it (encode_image -> build_inputs -> LLM prefill -> greedy decode), each part alone and end to end.
+from __future__ import annotations
+
+import importlib
+import inspect
+import time
+
+import torch
+
+from tinygptv.bench.cost import encode_flops, weight_bytes_per_token
+from tinygptv.bench.generation import fixed_length_kwargs, time_answers
+from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
+from tinygptv.config import PRESETS, TinyGPTVConfig, preset
+from tinygptv.data.templates import IMAGE_PLACEHOLDER
+
+# Text that a tokenizer splits into one token per repeat (BPE vocabularies: " the"; the byte-level one: "a"); the
+# first unit that gives exactly --prompt-tokens tokens is used.
+FILLER_UNITS = (" the", " a", "a", " x")
+PREFILL_METHOD = "model.build_inputs + one model.llm forward (use_cache=True, logits only for the last position)"
+
+
+def model_config(spec: dict) -> TinyGPTVConfig:
+    """The config of the benched model, with --image-size applied. Only a preset can change size: a checkpoint's
+    position embedding was trained for its own size (stage 4's preset is the 448-px model)."""
+    name = spec["model"]
+    if name in PRESETS:
+        config = preset(name)
+    else:
+        from tinygptv.checkpoint.hub import resolve_model_dir
+        from tinygptv.serve.loading import resolve_name
+
+        config = TinyGPTVConfig.load(resolve_model_dir(resolve_name(name)) / "config.json")
+    size = spec.get("image_size")
+    if size and size != config.vision.image_size:
+        if name not in PRESETS:
+            raise ValueError(f"--image-size {size}: {name} is a checkpoint built for {config.vision.image_size} px; "
+                             "--image-size changes presets only")
+        config.vision.image_size = size
+    return config
+
+
+def model_name(spec: dict) -> str:
+    """The name to hand load_model. A preset at another image size is registered under a derived name in this worker
+    process only, so load_model builds it through its own (quantizing) path."""
+    name, size = spec["model"], spec.get("image_size")
+    if name not in PRESETS or not size or size == preset(name).vision.image_size:
+        return name
+    derived = f"{name}@{size}px"
+    if derived not in PRESETS:
+        PRESETS.register(derived, lambda: model_config(spec))
+    return derived
+
+
+def load(spec: dict):
+    from tinygptv.serve.loading import load_model
+
+    return load_model(model_name(spec), quant=spec["quant"], quiet=True)
+
+
+def image_pixels(config: TinyGPTVConfig, spec: dict) -> torch.Tensor:
+    """A real image through the model's processor when --image is given, else random pixels: the encoder's speed
+    does not depend on what the picture shows."""
+    if spec.get("image"):
+        from tinygptv.data.image_processor import ImageProcessor
+
+        return ImageProcessor(config.vision)([spec["image"]])  # [1, 3, S, S]
+    size = config.vision.image_size
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # [1, 3, S, S]
+
+
+def filler_text(tokenize, n: int) -> str:
+    for unit in FILLER_UNITS:
+        if len(tokenize(unit * n)) == n:
+            return unit * n
+    raise ValueError(f"cannot build a prompt of exactly {n} tokens with this tokenizer (tried {FILLER_UNITS})")
+
+
+def prefill_length(config: TinyGPTVConfig, prompt_tokens: int) -> int:
+    """Tokens the LLM sees at prefill: BOS (when the model adds one at inference) + the image embeddings + the text."""
+    return int(config.prompt.bos_at_inference) + config.qformer.num_query_tokens + prompt_tokens
+
+
+def logits_to_keep(llm) -> dict:
+    """Ask for the last position's logits only, as generate() does: a full [L, V] projection is not prefill work."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(llm.forward).parameters else {}
+
+
+def first_float_dtype(module: torch.nn.Module) -> str:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return "unknown"
+
+
+def measure_tinygptv(spec: dict, log) -> dict:
+    device = torch.device(spec["device"])
+    warmup, repeats, new_tokens = spec["warmup"], spec["repeats"], spec["new_tokens"]
+    importlib.import_module("tinygptv.serve.loading")  # import time of the libraries is not the model's load time
+
+    log(f"loading {spec['model']} with quant={spec['quant']}")
+    start = time.perf_counter()
+    model = load(spec)
+    if device.type != "cpu":
+        model.to(device)
+    sync(device)
+    load_s = time.perf_counter() - start
+    rss_after_load = peak_rss_bytes()
+    log(f"loaded in {load_s:.1f} s (peak RSS so far {rss_after_load / 1e9:.2f} GB)")
+    config = model.config
+    tower = model.visual_encoder
+    pixels = image_pixels(config, spec).to(device)
+    flops = encode_flops(config, tower.num_tokens, tower.num_features)
+    row = {
+        "model": spec["model"], "quant": spec["quant"], "load_s": load_s, "peak_rss_after_load_bytes": rss_after_load,
+        "llm": config.llm.name, "llm_dtype": str(model.llm_dtype).removeprefix("torch."),
+        "vision_tower": config.vision.name, "vision_dtype": first_float_dtype(tower), "lora_r": config.lora.r,
+        "image_size": config.vision.image_size, "vision_tokens": tower.num_tokens,
+        "image_embeddings": config.qformer.num_query_tokens, "encode_gflop": None if flops is None else flops / 1e9,
+    }
+    with torch.inference_mode():
+        log(f"encoding: {warmup} warm-up + {repeats} timed images")
+        runs = time_runs(lambda: model.encode_image(pixels), warmup=warmup, repeats=repeats, device=device)
+        row.update(encode_s=median(runs), encode_runs_s=runs)
+        row["encode_gflop_s"] = None if flops is None else flops / 1e9 / median(runs)
+
+        prompt = IMAGE_PLACEHOLDER + filler_text(model.tokenize, spec["prompt_tokens"])
+        add_bos = config.prompt.bos_at_inference
+
+        def build():
+            return model.build_inputs([prompt], model.encode_image(pixels), add_bos=add_bos, padding_side="left")
+
+        inputs = build()
+        length = inputs.inputs_embeds.shape[1]
+        log(f"prefill of {length} tokens: {warmup} warm-up + {repeats} timed")
+        keep = logits_to_keep(model.llm)
+        runs = time_runs(lambda: model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                                           use_cache=True, **keep),
+                         warmup=warmup, repeats=repeats, device=device)
+        row.update(prompt_text_tokens=spec["prompt_tokens"], prefill_tokens=length, prefill_s=median(runs),
+                   prefill_runs_s=runs, prefill_tok_s=length / median(runs), prefill_method=PREFILL_METHOD)
+
+        def answer(n, timer):
+            step_inputs = build()  # encode + splice: `ask` does both for its question
+            timer.begin()
+            out = model.llm.generate(inputs_embeds=step_inputs.inputs_embeds,
+                                     attention_mask=step_inputs.attention_mask,
+                                     **fixed_length_kwargs(config.llm, n), streamer=timer)
+            model.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+        log(f"answers of {new_tokens} tokens: {warmup} warm-up + {repeats} timed")
+        row.update(time_answers(answer, new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device))
+    row["weight_bytes_per_token"], row["weight_bytes_source"] = weight_bytes_per_token(model)
+    row.update(memory_report(device))
+    return row

@@ -1,0 +1,140 @@
+# Turns a TinyGPTV into its --quant form: model -> [per-component dtypes + LLM linears swapped for int8/int4 layers]
+# -> the same forward/generate API. Also builds a preset's random weights directly in that form (no fp32 copy first).
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tinygptv.model.tinygptv import cast_weights
+from tinygptv.quant.cpu_linear import Int4Linear, Int8DynamicLinear, Int8Linear, int4_fits
+
+QUANT_MODES = ("none", "bf16", "int8", "int4", "int8-dynamic")
+COMPONENTS = ("visual_encoder", "connector", "projector", "llm")
+F32, BF16 = torch.float32, torch.bfloat16
+# Per mode, the dtype of each component's unquantized tensors. The vision tower runs in bf16 in every reduced mode
+# (one image per answer, compute-bound: bf16 GEMMs run ~2.5x fp32). The weight-only int8/int4 kernels take bf16
+# activations (30x slower with fp32), so everything around them is bf16; fbgemm's dynamic int8 takes fp32.
+ALL_BF16 = dict(visual_encoder=BF16, connector=BF16, projector=BF16, llm=BF16)
+COMPONENT_DTYPES = {
+    "bf16": ALL_BF16, "int8": ALL_BF16, "int4": ALL_BF16,
+    "int8-dynamic": dict(visual_encoder=BF16, connector=F32, projector=F32, llm=F32),
+}
+QUANTIZED_LINEAR = {"int8": Int8Linear, "int4": Int4Linear, "int8-dynamic": Int8DynamicLinear}
+QUANTIZED_TYPES = tuple(QUANTIZED_LINEAR.values())
+
+
+def quantizable(mode: str, linear: nn.Module) -> bool:
+    """A plain Linear the mode's kernel can take (int4: inputs a multiple of 32, outputs of 16; others stay bf16)."""
+    return type(linear) is nn.Linear and (mode != "int4" or int4_fits(linear.in_features, linear.out_features))
+
+
+def check_mode(mode: str) -> str:
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    if mode == "int8-dynamic" and torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        raise ValueError(f"--quant {mode} needs an x86 CPU build of PyTorch (quantized engine here: "
+                         f"{torch.backends.quantized.engine}); use bf16")
+    return mode
+
+
+def quantize_model(model, mode: str):
+    """In place: LoRA merged (same outputs, and a LoRA wrapper cannot be quantized), components cast, every Linear of
+    the LLM (lm_head included: it is read at every token) replaced by its quantized layer."""
+    check_mode(mode)
+    if mode == "none":
+        return model
+    if model.config.quant != "none":
+        raise ValueError(f"the model is already quantized ({model.config.quant}); load the unquantized one")
+    model.merge_lora()
+    for name, dtype in COMPONENT_DTYPES[mode].items():
+        cast_weights(getattr(model, name), dtype)
+    if mode in QUANTIZED_LINEAR:
+        _swap_linears(model.llm, mode, QUANTIZED_LINEAR[mode].from_linear)
+    model.config.quant = mode
+    return model
+
+
+def prepare_for_quantized_weights(model, mode: str) -> None:
+    """Before loading a saved quantized copy: same layout as quantize_model, with empty layers to fill."""
+    check_mode(mode)
+    for name, dtype in COMPONENT_DTYPES.get(mode, {}).items():
+        cast_weights(getattr(model, name), dtype)
+    if mode in QUANTIZED_LINEAR:
+        cls = QUANTIZED_LINEAR[mode]
+        _swap_linears(model.llm, mode, lambda lin: cls(lin.in_features, lin.out_features, lin.bias is not None))
+
+
+def _swap_linears(root: nn.Module, mode: str, make) -> int:
+    swapped = 0
+    for parent in list(root.modules()):
+        for child_name, child in list(parent.named_children()):
+            if quantizable(mode, child):
+                setattr(parent, child_name, make(child))
+                swapped += 1
+    return swapped
+
+
+def build_random_quantized(config, mode: str, tokenizer=None):
+    """A preset with random weights, materialised one module at a time in its final dtype and quantized at once, so
+    the peak memory of building is the quantized model's size, not the fp32 model's (an 8 GB machine cannot hold
+    the 15.6 GB fp32 TinyGPT-V first). LoRA is left out: a merged adapter costs nothing at inference."""
+    from tinygptv.checkpoint.native import materialize_buffers
+    from tinygptv.config import TinyGPTVConfig
+    from tinygptv.model.tinygptv import TinyGPTV
+
+    check_mode(mode)
+    config = TinyGPTVConfig.from_dict(config.to_dict())
+    config.lora.r = 0
+    with torch.device("meta"):
+        model = TinyGPTV(config, tokenizer)
+    dtypes = COMPONENT_DTYPES.get(mode, dict.fromkeys(COMPONENTS, F32))
+    generator = torch.Generator().manual_seed(0)
+    for name, module in list(model.named_modules()):
+        if not name:
+            continue
+        _materialize_random(module, dtypes[name.split(".")[0]], generator)
+        if mode in QUANTIZED_LINEAR and name.startswith("llm.") and quantizable(mode, module):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, QUANTIZED_LINEAR[mode].from_linear(module))
+    materialize_buffers(model)
+    model.config.quant = mode
+    model.freeze_as_official()
+    return model.eval()
+
+
+def _materialize_random(module: nn.Module, dtype: torch.dtype, generator: torch.Generator) -> None:
+    for pname, p in list(module.named_parameters(recurse=False)):
+        if not p.is_meta:
+            continue
+        t = torch.empty(p.shape, dtype=dtype)
+        if pname.endswith("bias"):
+            t.zero_()
+        elif p.dim() == 1:
+            t.fill_(1.0)  # norm weights
+        else:
+            t.copy_(torch.randn(p.shape, generator=generator).mul_(0.02))
+        setattr(module, pname, nn.Parameter(t, requires_grad=False))
+    persistent = {n for n, _ in module.named_buffers(recurse=False)} - module._non_persistent_buffers_set
+    for bname in persistent:
+        b = getattr(module, bname)
+        if b is not None and b.is_meta:
+            fill = 1.0 if bname == "running_var" else 0.0
+            new = torch.full(b.shape, fill, dtype=dtype if b.is_floating_point() else b.dtype)
+            module.register_buffer(bname, new)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of LLM weights read to decode one token: every decoder layer, the final norm and lm_head in full, one
+    row of the embedding table (a tied lm_head still reads the whole table). Memory bandwidth / this bounds decode."""
+    llm = model.llm
+    embedding = llm.get_input_embeddings()
+    total = 0
+    for module in llm.modules():
+        if isinstance(module, QUANTIZED_TYPES):
+            total += module.weight_bytes + (module.bias.numel() * module.bias.element_size()
+                                            if module.bias is not None else 0)
+        elif module is embedding:
+            total += embedding.weight[0].numel() * embedding.weight.element_size()
+        else:
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total

@@ -1,0 +1,208 @@
+# Weight-quantized replacements for nn.Linear on the CPU, used by tinygptv.quant.apply for --quant int8 / int4:
+# model -> [these layers inside the LLM] -> logits. Each keeps a portable state dict (plain int8 / uint8 tensors and
+# scales) and packs it for PyTorch's own kernel when loaded, so a quantized copy can be saved and loaded again.
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+INT4_GROUPS = (128, 64, 32)  # weights per scale/zero pair along the input: g128 where the width allows
+INT4_INNER_K_TILES = 2
+
+
+def _quiet_quantized_tensors():
+    """torch.quantize_per_channel warns that quantized tensors are deprecated; fbgemm's dynamic int8 GEMM, still the
+    fastest int8 path on these CPUs (cpu-performance.md), takes its weights only in that form."""
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated.*")
+    warnings.filterwarnings("ignore", message=".*quantized tensor.*deprecated.*")
+    return ctx
+
+
+def int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 codes [N, K] and one fp32 scale per output channel [N]."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 (symmetric, one scale per output channel), bf16 activations: `torch._weight_int8pack_mm`.
+    The --quant int8 layer: on SmolLM2 it keeps top-1 agreement at 94 % and KL at 0.02 where quantizing the
+    activations too (Int8DynamicLinear) gives 47 % and 2.0, because LLM activations have outlier channels."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.bfloat16))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        codes, scale = int8_per_channel(linear.weight.detach().float())
+        q.weight_int8, q.weight_scale = codes, scale.to(torch.bfloat16)
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().to(torch.bfloat16).clone()
+        return q
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.weight_int8.numel() + 2 * self.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8,
+                                      self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel weight-only"
+
+
+class Int8DynamicLinear(nn.Module):
+    """int8 weights with the activations quantized per call too: fbgemm's `quantized::linear_dynamic`, fp32 in and
+    out. --quant int8-dynamic: it reads weights at ~78 % of the memory bandwidth where the weight-only kernel reaches
+    ~53 % (cpu-performance.md, Phi-2 decode), at a real quality cost on models with outlier activations."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8DynamicLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        q.weight_int8, q.weight_scale = int8_per_channel(linear.weight.detach().float())
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().float().clone()
+        q.pack()
+        return q
+
+    def pack(self) -> None:
+        """Hand the weights to fbgemm and drop the plain copy, so the layer holds one int8 copy, not two."""
+        ctx = _quiet_quantized_tensors()
+        try:
+            zeros = torch.zeros(self.out_features, dtype=torch.long)
+            qweight = torch.quantize_per_channel(self.weight_int8.float() * self.weight_scale[:, None],
+                                                 self.weight_scale.double(), zeros, 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+        finally:
+            ctx.__exit__(None, None, None)
+        self.weight_int8 = torch.empty(0, dtype=torch.int8)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._packed is None:  # an empty layer waiting for its weights
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        qweight, _ = torch.ops.quantized.linear_unpack(self._packed)
+        destination[prefix + "weight_int8"] = qweight.int_repr()
+        destination[prefix + "weight_scale"] = self.weight_scale
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.weight_int8 = torch.zeros(self.out_features, self.in_features, dtype=torch.int8)  # shape to check
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.pack()
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.out_features * self.in_features + 4 * self.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        # reduce_range=False: full 8-bit activations (VNNI CPUs do not saturate; 7-bit costs accuracy)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, False)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, dynamic act"
+
+
+INT4_OUT_MULTIPLE = 16  # the CPU packing takes output widths in tiles of 16
+
+
+def int4_group(in_features: int) -> int | None:
+    return next((g for g in INT4_GROUPS if in_features % g == 0), None)
+
+
+def int4_fits(in_features: int, out_features: int) -> bool:
+    return int4_group(in_features) is not None and out_features % INT4_OUT_MULTIPLE == 0
+
+
+class Int4Linear(nn.Module):
+    """4-bit weights, asymmetric, one bf16 scale and zero per INT4_GROUP inputs; bf16 activations through
+    `aten._weight_int4pack_mm_for_cpu` (with fp32 activations that kernel is 30x slower, so inputs are cast)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int | None = None):
+        super().__init__()
+        group_size = group_size or int4_group(in_features)
+        if group_size is None or in_features % group_size or out_features % INT4_OUT_MULTIPLE:
+            raise ValueError(f"int4: a {in_features} -> {out_features} layer does not fit the kernel (inputs a "
+                             f"multiple of a group size {INT4_GROUPS}, outputs of {INT4_OUT_MULTIPLE})")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        # Two 4-bit values per byte, low nibble first: the portable form saved in files.
+        self.register_buffer("weight_uint4x2", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros",
+                             torch.zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16) if bias else None)
+        self._packed = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        q = cls(k, n, linear.bias is not None)
+        group_size = q.group_size
+        groups = w.reshape(n, k // group_size, group_size)
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = (hi - lo).clamp(min=1e-6) / 15
+        codes = ((groups - lo) / scale).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+        zero = lo + 8 * scale  # the kernel computes (code - 8) * scale + zero
+        q.weight_uint4x2 = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        q.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().to(torch.bfloat16).clone()
+        q.pack()
+        return q
+
+    def codes(self) -> Tensor:
+        """[N, K] int32 codes 0..15 from the packed bytes."""
+        b = self.weight_uint4x2
+        return torch.stack([b & 15, b >> 4], dim=-1).reshape(self.out_features, self.in_features).to(torch.int32)
+
+    def pack(self) -> None:
+        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes(), INT4_INNER_K_TILES)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.pack()
+
+    def dequantized_weight(self) -> Tensor:
+        """[N, K] fp32: what the kernel multiplies by (used by tests and the quality report)."""
+        sz = self.scales_and_zeros.float().transpose(0, 1)  # [N, K/g, 2]
+        codes = self.codes().reshape(self.out_features, -1, self.group_size).float()
+        return ((codes - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._packed.numel() * self._packed.element_size() + self.scales_and_zeros.numel() * 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).to(torch.bfloat16), self._packed, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.group_size}"

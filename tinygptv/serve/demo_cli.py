@@ -1,0 +1,46 @@
+# `tinygptv demo`: load a model and serve serve/web_demo.py's page, registered into the main parser by tinygptv/cli.py.
+# Data path: the same load -> ChatSession -> stream_generate as `tinygptv chat`, behind a local web page.
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `demo` to the main parser's sub-parsers."""
+    from tinygptv.cli import _add_model_args
+
+    p = subparsers.add_parser(
+        "demo", help="chat about an image in a local web page (Gradio)",
+        description="Start a web page to chat with a model about an image: upload an image, ask, and watch the answer "
+                    "stream in; task tags ([vqa], [grounding], ...), temperature, top-p and beams are on the page, and "
+                    "the boxes of a grounding answer are drawn onto the image. A new image starts a new "
+                    "conversation. The page listens on this machine only (127.0.0.1) unless --host says otherwise; "
+                    "one answer is generated at a time. The model options below set the page's starting values. "
+                    "docs/demo.md: how to use it.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    p.add_argument("--share", action="store_true",
+                   help="also publish the page through a temporary public gradio.live link (off by default: anyone "
+                        "with the link can use your model and machine)")
+    p.add_argument("--open", action="store_true", help="open the page in a web browser once it is up")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_demo)
+    return p
+
+
+def cmd_demo(args) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo reports nothing to anyone
+    from tinygptv.serve.web_demo import build_demo
+
+    from tinygptv.serve.loading import load_for_args
+
+    model = load_for_args(args)
+    demo = build_demo(
+        model, args.model, template=args.template, task=args.task, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature or 0.0, top_p=args.top_p, num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+    )
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=args.open)
+    return 0

@@ -1,0 +1,166 @@
+# `tinygptv demo`: the main job (one image, a conversation, streamed answers) in a local Gradio page. Each browser tab
+# holds its own ChatSession over one shared model; grounding answers are drawn onto the image by serve/draw.py.
+from __future__ import annotations
+
+import html
+import queue
+import threading
+import time
+
+import gradio as gr
+from PIL import Image
+
+from tinygptv.data.templates import TASK_TAGS, with_task
+from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.serve.chat import ChatSession
+from tinygptv.serve.draw import draw_on
+
+NO_TASK = "none"
+
+
+def generation_settings(temperature: float, top_p: float, num_beams: int, max_new_tokens: int,
+                        repetition_penalty: float = 1.0) -> dict:
+    """The UI's controls as TinyGPTV.generate keywords. Temperature 0 means greedy, as the CLI's default."""
+    sampling = temperature > 0
+    return dict(max_new_tokens=int(max_new_tokens), do_sample=sampling, temperature=temperature if sampling else 1.0,
+                top_p=top_p, num_beams=int(num_beams), repetition_penalty=repetition_penalty)
+
+
+class DemoBackend:
+    """What the page's events call. The model is not thread-safe, so every use of it takes one lock, on top of the
+    queue's concurrency limit of 1: a generation whose browser went away still finishes in its thread, and the next
+    request must wait for it."""
+
+    def __init__(self, model: TinyGPTV, template: str | None = None, repetition_penalty: float = 1.0):
+        self.model = model
+        self.template = template
+        self.repetition_penalty = repetition_penalty
+        self.lock = threading.Lock()
+
+    def new_session(self, image: Image.Image | None) -> ChatSession:
+        session = ChatSession(self.model, template=self.template)
+        if image is not None:
+            with self.lock:
+                session.set_image(image)
+        return session
+
+    def on_image(self, image: Image.Image | None):
+        """A new image (or none) starts a new conversation. Returns chat, boxes, status, session."""
+        status = "Image loaded: a new conversation." if image is not None else "No image: text-only questions."
+        return [], None, status, self.new_session(image)
+
+    def on_reset(self, image: Image.Image | None, session: ChatSession | None):
+        if session is None:
+            session = self.new_session(image)
+        with self.lock:  # not while a generation that outlived its page still writes its answer
+            session.reset()  # keeps the encoded image, forgets the turns
+        return [], None, "Conversation cleared.", session
+
+    def respond(self, question: str, task: str, temperature: float, top_p: float, num_beams: int,
+                max_new_tokens: int, image: Image.Image | None, history: list, session: ChatSession | None):
+        """A generator for Gradio: yields (chat, question box, boxes image, status, session) as the answer grows."""
+        question = question.strip()
+        if not question:
+            yield history, "", gr.skip(), "Type a question first.", session
+            return
+        if session is None:
+            session = self.new_session(image)
+        task = None if task in (None, "", NO_TASK) else task
+        session.generate_kwargs = generation_settings(temperature, top_p, num_beams, max_new_tokens,
+                                                      self.repetition_penalty)
+        history = history + [{"role": "user", "content": _shown(with_task(question, task))},
+                             {"role": "assistant", "content": ""}]
+        started = time.perf_counter()
+        yield history, "", None, "Generating…", session
+        try:
+            for answer, finished in self._ask(session, question, task):
+                history[-1] = {"role": "assistant", "content": _shown(answer)}
+                if not finished:
+                    yield history, "", None, "Generating…", session
+        except Exception as e:  # the page shows why, the question goes back into its box to be asked again
+            yield history[:-2], question, None, f"Generation failed: {_shown(str(e))}", session
+            return
+        boxed, drawn = draw_on(image, answer) if image is not None else (None, 0)
+        took = time.perf_counter() - started
+        status = f"Turn {len(history) // 2} answered in {took:.1f} s"
+        status += f"; {drawn} box{'es' if drawn != 1 else ''} drawn." if drawn else "."
+        yield history, "", boxed if drawn else None, status, session
+
+    def _ask(self, session: ChatSession, question: str, task: str | None):
+        """Yield (text so far, False) as the answer grows, then (the answer, True). ChatSession.ask runs in a thread
+        and hands its on_text pieces over a queue; transformers cannot stream beam search, so with beams the whole
+        answer comes at once."""
+        pieces: queue.Queue = queue.Queue()
+        outcome: list = []  # the answer, or the exception that stopped it
+
+        def work():
+            try:
+                with self.lock:
+                    outcome.append(session.ask(question, task=task, on_text=pieces.put))
+            except BaseException as e:  # raised again in the page's thread below
+                outcome.append(e)
+                if session.conversation.turns and session.conversation.turns[-1][1] is None:
+                    session.conversation.turns.pop()  # the question failed: the conversation goes on without it
+            finally:
+                pieces.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        text = ""
+        while (piece := pieces.get()) is not None:
+            text += piece
+            yield text, False
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        yield outcome[0], True
+
+
+def _shown(text: str) -> str:
+    """Chat text as the page shows it: grounding answers are full of <p> and <12>, which Markdown would eat as HTML."""
+    return html.escape(text, quote=False)
+
+
+def build_demo(model: TinyGPTV, name: str, *, template: str | None = None, task: str | None = None,
+               max_new_tokens: int = 300, temperature: float = 0.0, top_p: float = 0.9, num_beams: int = 1,
+               repetition_penalty: float = 1.0) -> gr.Blocks:
+    """The page, with one queue that runs one event at a time. Keyword arguments are the controls' starting values.
+    Every element the browser test touches has a stable elem_id."""
+    backend = DemoBackend(model, template=template, repetition_penalty=repetition_penalty)
+    vision, llm = model.config.vision.name, model.config.llm.name
+    with gr.Blocks(title=f"TinyGPT-V demo: {name}", analytics_enabled=False) as demo:
+        gr.Markdown(f"## TinyGPT-V demo\nModel: **`{name}`** ({vision} vision tower, {llm} language model). "
+                    "Upload an image, pick a task if you like, and ask.", elem_id="model-name")
+        session = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                boxes = gr.Image(type="pil", format="png", label="Boxes in the last answer", interactive=False,
+                                 buttons=["download", "fullscreen"], elem_id="boxes")
+            with gr.Column(scale=3):
+                chat = gr.Chatbot(label="Conversation", height=360, buttons=["copy", "copy_all"], elem_id="chatbot")
+                tasks = gr.Radio([("no task tag", NO_TASK)] + [(f"[{t}]", t) for t in TASK_TAGS],
+                                 value=task or NO_TASK, label="Task tag (prepended to the question)", elem_id="task")
+                question = gr.Textbox(label="Question", placeholder="What is in the image?", lines=1,
+                                      elem_id="question")
+                with gr.Row():
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    reset = gr.Button("Clear conversation", elem_id="reset")
+                status = gr.Markdown("Ready.", elem_id="status")
+                with gr.Accordion("Generation", open=False):
+                    temp = gr.Slider(0.0, max(2.0, temperature), value=temperature, step=0.05,
+                                     label="temperature (0 = greedy)", elem_id="temperature")
+                    nucleus = gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="top-p (when sampling)",
+                                        elem_id="top-p")
+                    beams = gr.Slider(1, max(5, num_beams), value=num_beams, step=1,
+                                      label="beams (> 1: no streaming)", elem_id="beams")
+                    length = gr.Slider(1, max(1024, max_new_tokens), value=max_new_tokens, step=1,
+                                       label="max new tokens", elem_id="max-new-tokens")
+
+        image.change(backend.on_image, [image], [chat, boxes, status, session])
+        reset.click(backend.on_reset, [image, session], [chat, boxes, status, session])
+        chat.clear(backend.on_reset, [image, session], [chat, boxes, status, session])  # the chat's own bin icon
+        inputs = [question, tasks, temp, nucleus, beams, length, image, chat, session]
+        outputs = [chat, question, boxes, status, session]
+        ask.click(backend.respond, inputs, outputs)
+        question.submit(backend.respond, inputs, outputs)
+    demo.queue(default_concurrency_limit=1)
+    return demo
