@@ -197,6 +197,9 @@ def test_worker_batches_waiting_requests_without_changing_answers(nano, referenc
                    settings, on_done=finish, on_error=lambda e: (results.__setitem__(i, repr(e)), done.release()))
 
     worker = GenerationWorker(nano, max_queue=3, max_batch=4)
+    encoded = []
+    worker.model = SimpleNamespace(**{name: getattr(nano, name) for name in ("generate", "tokenize", "config")},
+                                   encode_image=lambda px: encoded.append(px) or nano.encode_image(px))
     worker.submit(job(0, QUESTION, True))
     worker.submit(job(1, TEXT_QUESTION, False))
     worker.submit(job(2, "Describe the image in detail, please.", True))
@@ -209,6 +212,7 @@ def test_worker_batches_waiting_requests_without_changing_answers(nano, referenc
     finally:
         worker.stop(timeout=60)
     assert worker.stats.largest_batch == 3 and worker.stats.batches == 1
+    assert len(encoded) == 1  # jobs 0 and 2 send the same image: encoded once, then taken from the cache
     alone = ChatSession(nano, max_new_tokens=TOKENS)
     alone.set_image(str(IMAGE))
     assert results == {0: reference.first, 1: reference.text_only,

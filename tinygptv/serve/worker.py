@@ -3,8 +3,9 @@
 # [queue -> encode_image -> generate / stream_generate] -> answer text, handed back through the job's callbacks.
 from __future__ import annotations
 
+import hashlib
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,10 +60,12 @@ class GenerationWorker:
     Waiting non-streaming jobs with the same settings are batched up to max_batch (TinyGPTV.generate pads on the
     left, which gives the same greedy answers as one by one)."""
 
-    def __init__(self, model, *, max_queue: int = 16, max_batch: int = 4):
+    def __init__(self, model, *, max_queue: int = 16, max_batch: int = 4, cached_images: int = 16):
         self.model = model
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.cached_images = cached_images
+        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()  # sha256 of pixels -> [Q, D], LRU
         self.stats = WorkerStats()
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -139,10 +142,20 @@ class GenerationWorker:
         return batch
 
     def _embed(self, job: Job) -> torch.Tensor | None:
+        """The image's embeddings, from the cache when the same pixels came before: the API is stateless, so every
+        turn of a conversation sends its image again, and encoding is the costliest step of a short CPU answer."""
         if job.pixels is None:
             return None
+        key = hashlib.sha256(job.pixels.contiguous().numpy().tobytes()).hexdigest()
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            return self._embeddings[key]
         with torch.inference_mode():
-            return self.model.encode_image(job.pixels)[0]  # [Q, D]
+            embed = self.model.encode_image(job.pixels)[0]  # [Q, D]
+        self._embeddings[key] = embed
+        if len(self._embeddings) > self.cached_images:
+            self._embeddings.popitem(last=False)
+        return embed
 
     def _batch(self, jobs: list[Job]) -> None:
         embeds = [self._embed(job) for job in jobs]
