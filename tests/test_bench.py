@@ -50,6 +50,7 @@ def test_bench_tiny_reports_every_mode_and_confines_a_failure(tmp_path, monkeypa
     assert machine["ok"] and machine["threads"] == 1
     bandwidth = machine["bandwidth"]["gb_s"]
     assert math.isfinite(bandwidth) and bandwidth > 0
+    assert bandwidth == max(machine["bandwidth"]["methods_gb_s"].values())  # the roof is the fastest read seen
     assert all(machine["gemm"][d]["gflop_s"] > 0 for d in ("fp32", "bf16"))
 
     for mode, row in rows.items():

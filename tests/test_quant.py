@@ -41,7 +41,7 @@ def test_int8_layer_matches_its_codes_and_the_original(linear):
 
 def test_int4_layer_matches_its_codes_and_keeps_groups(linear):
     q = Int4Linear.from_linear(linear)
-    assert q.group_size == 128 and q.codes().min() >= 0 and q.codes().max() <= 15
+    assert q.group_size == 128 and q.weight_int4pack.dtype == torch.uint8 and q.weight_int4pack.numel() == 96 * 128
     x = torch.randn(5, 256)
     expected = x.bfloat16().float() @ q.dequantized_weight().T + linear.bias.bfloat16().float()
     assert torch.allclose(q(x), expected, rtol=2e-2, atol=3e-2)
@@ -51,6 +51,15 @@ def test_int4_layer_matches_its_codes_and_keeps_groups(linear):
     for shape in ((100, 16), (96, 8)):
         with pytest.raises(ValueError, match="does not fit the kernel"):
             Int4Linear(*shape, bias=False)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, Int8DynamicLinear])
+def test_layers_take_non_contiguous_inputs(cls, linear):
+    """Attention and cache reordering hand the projections transposed views; the kernels need contiguous rows."""
+    q = cls.from_linear(linear)
+    x = torch.randn(256, 4).t()  # [4, 256], not contiguous
+    assert not x.is_contiguous()
+    assert torch.equal(q(x), q(x.contiguous()))
 
 
 def test_int8_dynamic_layer_is_close(linear):

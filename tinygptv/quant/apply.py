@@ -65,12 +65,14 @@ def prepare_for_quantized_weights(model, mode: str) -> None:
 
 
 def _swap_linears(root: nn.Module, mode: str, make) -> int:
+    """Replace layer by layer, holding no list of the old layers, so each is freed as soon as it is replaced."""
     swapped = 0
-    for parent in list(root.modules()):
-        for child_name, child in list(parent.named_children()):
-            if quantizable(mode, child):
-                setattr(parent, child_name, make(child))
-                swapped += 1
+    parents = [n for n, m in root.named_modules() if any(quantizable(mode, c) for c in m.children())]
+    for name in parents:
+        parent = root.get_submodule(name)
+        for child_name in [n for n, c in parent.named_children() if quantizable(mode, c)]:
+            setattr(parent, child_name, make(getattr(parent, child_name)))
+            swapped += 1
     return swapped
 
 
@@ -89,13 +91,14 @@ def build_random_quantized(config, mode: str, tokenizer=None):
         model = TinyGPTV(config, tokenizer)
     dtypes = COMPONENT_DTYPES.get(mode, dict.fromkeys(COMPONENTS, F32))
     generator = torch.Generator().manual_seed(0)
-    for name, module in list(model.named_modules()):
-        if not name:
-            continue
+    # Names, not modules: a list of the modules would keep every replaced full-precision Linear alive to the end.
+    for name in [n for n, _ in model.named_modules() if n]:
+        module = model.get_submodule(name)
         _materialize_random(module, dtypes[name.split(".")[0]], generator)
         if mode in QUANTIZED_LINEAR and name.startswith("llm.") and quantizable(mode, module):
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, QUANTIZED_LINEAR[mode].from_linear(module))
+        del module
     materialize_buffers(model)
     model.config.quant = mode
     model.freeze_as_official()
@@ -112,7 +115,7 @@ def _materialize_random(module: nn.Module, dtype: torch.dtype, generator: torch.
         elif p.dim() == 1:
             t.fill_(1.0)  # norm weights
         else:
-            t.copy_(torch.randn(p.shape, generator=generator).mul_(0.02))
+            t.copy_(torch.randn(p.shape, generator=generator, dtype=dtype).mul_(0.02))  # no fp32 temporary
         setattr(module, pname, nn.Parameter(t, requires_grad=False))
     persistent = {n for n, _ in module.named_buffers(recurse=False)} - module._non_persistent_buffers_set
     for bname in persistent:

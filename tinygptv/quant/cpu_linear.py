@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 INT4_GROUPS = (128, 64, 32)  # weights per scale/zero pair along the input: g128 where the width allows
 INT4_INNER_K_TILES = 2
+INT4_ROWS_AT_ONCE = 4096
 
 
 def _quiet_quantized_tensors():
@@ -55,7 +56,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8,
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), self.weight_int8,
                                       self.weight_scale)
         if self.bias is not None:
             y = y + self.bias
@@ -139,8 +140,11 @@ def int4_fits(in_features: int, out_features: int) -> bool:
 
 
 class Int4Linear(nn.Module):
-    """4-bit weights, asymmetric, one bf16 scale and zero per INT4_GROUP inputs; bf16 activations through
-    `aten._weight_int4pack_mm_for_cpu` (with fp32 activations that kernel is 30x slower, so inputs are cast)."""
+    """4-bit weights, asymmetric, one bf16 scale and zero per group of inputs; bf16 activations through
+    `aten._weight_int4pack_mm_for_cpu` (with fp32 activations that kernel is 30x slower, so inputs are cast).
+
+    Only the kernel's packed form is kept, and it is what a saved copy stores (PyTorch's CPU int4 layout, inner k
+    tiles 2): keeping a portable copy beside it would double the int4 weights in memory."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int | None = None):
         super().__init__()
@@ -149,57 +153,46 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4: a {in_features} -> {out_features} layer does not fit the kernel (inputs a "
                              f"multiple of a group size {INT4_GROUPS}, outputs of {INT4_OUT_MULTIPLE})")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        # Two 4-bit values per byte, low nibble first: the portable form saved in files.
-        self.register_buffer("weight_uint4x2", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("weight_int4pack", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros",
                              torch.zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16) if bias else None)
-        self._packed = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
-        w = linear.weight.detach().float()
-        n, k = w.shape
+        n, k = linear.weight.shape
         q = cls(k, n, linear.bias is not None)
-        group_size = q.group_size
-        groups = w.reshape(n, k // group_size, group_size)
-        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = (hi - lo).clamp(min=1e-6) / 15
-        codes = ((groups - lo) / scale).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+        codes = torch.empty(n, k, dtype=torch.int32)
+        scale = torch.empty(n, k // q.group_size, 1)
+        lo = torch.empty_like(scale)
+        for rows in torch.arange(n).split(INT4_ROWS_AT_ONCE):  # row blocks: no fp32 copy of a whole lm_head at once
+            groups = linear.weight.detach()[rows].float().reshape(len(rows), -1, q.group_size)
+            lo[rows] = groups.amin(-1, keepdim=True)
+            scale[rows] = (groups.amax(-1, keepdim=True) - lo[rows]).clamp(min=1e-6) / 15
+            codes[rows] = groups.sub_(lo[rows]).div_(scale[rows]).round_().clamp_(0, 15).reshape(len(rows), k).int()
         zero = lo + 8 * scale  # the kernel computes (code - 8) * scale + zero
-        q.weight_uint4x2 = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        q.weight_int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_INNER_K_TILES)
         q.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         if linear.bias is not None:
             q.bias = linear.bias.detach().to(torch.bfloat16).clone()
-        q.pack()
         return q
 
-    def codes(self) -> Tensor:
-        """[N, K] int32 codes 0..15 from the packed bytes."""
-        b = self.weight_uint4x2
-        return torch.stack([b & 15, b >> 4], dim=-1).reshape(self.out_features, self.in_features).to(torch.int32)
-
-    def pack(self) -> None:
-        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes(), INT4_INNER_K_TILES)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.pack()
-
     def dequantized_weight(self) -> Tensor:
-        """[N, K] fp32: what the kernel multiplies by (used by tests and the quality report)."""
-        sz = self.scales_and_zeros.float().transpose(0, 1)  # [N, K/g, 2]
-        codes = self.codes().reshape(self.out_features, -1, self.group_size).float()
-        return ((codes - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
+        """[N, K] fp32: what the kernel multiplies by, read back through the kernel itself (used by tests)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_int4pack, self.group_size,
+                                                         self.scales_and_zeros)  # [K, N]
+        return w_t.float().t()
 
     @property
     def weight_bytes(self) -> int:
-        return self._packed.numel() * self._packed.element_size() + self.scales_and_zeros.numel() * 2
+        return self.weight_int4pack.numel() + self.scales_and_zeros.numel() * 2
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16), self._packed, self.group_size, self.scales_and_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # the kernel takes only contiguous inputs
+            x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), self.weight_int4pack, self.group_size,
+            self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
