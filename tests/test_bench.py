@@ -9,7 +9,7 @@ import math
 import torch
 
 from tinygptv.bench import cli, runner
-from tinygptv.bench.cost import encode_flops, llm_weight_bytes_per_token
+from tinygptv.bench.cost import encode_flops
 from tinygptv.config import preset
 from tinygptv.model.tinygptv import TinyGPTV
 
@@ -88,17 +88,6 @@ def test_encode_flops_match_torch_flop_counter():
             model.encode_image(pixels)
         tower = model.visual_encoder
         assert encode_flops(config, tower.num_tokens, tower.num_features) == counter.get_total_flops(), name
-
-
-def test_reference_weight_bytes_use_the_quant_definition():
-    """The reference's bytes per token come from the bench's own count; on a plain model it must agree with
-    tinygptv.quant's, or the reference's fraction of the bound would be computed on another scale."""
-    from tinygptv.quant import weight_bytes_per_token
-
-    for name in ("tiny", "nano"):  # untied Phi, tied Llama
-        with torch.device("meta"):
-            model = TinyGPTV(preset(name))
-        assert llm_weight_bytes_per_token(model.llm) == weight_bytes_per_token(model), name
 
 
 def test_a_killed_worker_is_named():

@@ -115,17 +115,25 @@ def test_preset_builds_directly_quantized_with_the_expected_bytes():
     linear_fp32 = sum(m.weight.numel() * 4 for m in fp32.llm.modules() if type(m) is nn.Linear)
     linear_int8 = sum(m.weight_bytes for m in int8.llm.modules() if isinstance(m, Int8Linear))
     assert linear_fp32 / 4 <= linear_int8 <= linear_fp32 / 4 * 1.1  # one byte a weight plus scales
-    b32, b8, b4 = (weight_bytes_per_token(m) for m in (fp32, int8, int4))
+    b32, b8, b4 = (weight_bytes_per_token(m.llm) for m in (fp32, int8, int4))
     assert b4 < b8 < b32 / 2
-    # the fp32 count by hand: every LLM parameter except the embedding table, which is read one row per token
-    emb = fp32.llm.get_input_embeddings().weight
-    by_hand = sum(p.numel() * 4 for p in fp32.llm.parameters()) - emb.numel() * 4 + emb.shape[1] * 4
-    if fp32.llm.get_output_embeddings().weight is emb:  # tied: lm_head reads the whole table
-        by_hand += emb.numel() * 4
-    assert b32 == by_hand
     ids = torch.tensor([fp32.tokenize("hello")])
     with torch.inference_mode():  # the bf16 / int4 kernels run end to end on the quantized build
         assert torch.isfinite(int4.llm(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("name", ["tiny", "nano"])  # untied Phi, tied Llama
+def test_weight_bytes_per_token_by_hand(name):
+    """Every LLM parameter except the embedding table, read one row per token; a tied lm_head reads it whole. The
+    bench counts every row with this function, its stock reference LLM included."""
+    with torch.device("meta"):
+        llm = TinyGPTV(preset(name)).llm
+    emb = llm.get_input_embeddings().weight
+    table, row = emb.numel() * emb.element_size(), emb.shape[1] * emb.element_size()
+    by_hand = sum(p.numel() * p.element_size() for p in llm.parameters()) - table + row  # a tied table counted once
+    if llm.get_output_embeddings().weight is emb:
+        by_hand += table
+    assert weight_bytes_per_token(llm) == by_hand
 
 
 def test_unknown_mode_and_dtype_with_quant_are_refused():

@@ -1,9 +1,7 @@
 # The work the data path does, counted from the config and the built model rather than measured: FLOPs per encoded
-# image (EVA ViT + Q-Former + projections) and bytes of LLM weights read per decoded token. Both are the
-# numerators of the bench's "fraction of the machine's roof".
+# image (EVA ViT + Q-Former + projections). Bytes of weights per decoded token come from
+# tinygptv.quant.weight_bytes_per_token. Both are the numerators of the bench's "fraction of the machine's roof".
 from __future__ import annotations
-
-from torch import nn
 
 from tinygptv.config import TinyGPTVConfig
 
@@ -41,31 +39,3 @@ def connector_flops(config: TinyGPTVConfig, vision_tokens: int, vision_width: in
 def encode_flops(config: TinyGPTVConfig, vision_tokens: int, vision_width: int) -> int | None:
     tower = vision_tower_flops(config)
     return None if tower is None else tower + connector_flops(config, vision_tokens, vision_width)
-
-
-def llm_weight_bytes_per_token(llm: nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter and persistent buffer of the LM once (quantized layers
-    keep their packed weights as buffers; non-persistent buffers such as rotary tables are derived, not weights),
-    except the input embedding table, of which a token reads one row; an output head tied to that table still reads
-    it whole. The same definition as tinygptv.quant.weight_bytes_per_token, for models that are not a TinyGPTV."""
-    emb = llm.get_input_embeddings().weight
-    head = llm.get_output_embeddings()
-    tied = head is not None and getattr(head, "weight", None) is emb
-    total, seen = 0, set()
-    for module in llm.modules():
-        tensors = list(module.parameters(recurse=False))
-        tensors += [b for name, b in module.named_buffers(recurse=False)
-                    if name not in module._non_persistent_buffers_set]
-        for tensor in tensors:
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
-    table, row = emb.numel() * emb.element_size(), emb.shape[1] * emb.element_size()
-    return total - table + row + (table if tied else 0)
-
-
-def weight_bytes_per_token(model) -> tuple[int, str]:
-    """(bytes, where the number came from) for a TinyGPTV: the quantization package knows its packed layouts best."""
-    from tinygptv.quant import weight_bytes_per_token as from_quant
-
-    return int(from_quant(model)), "tinygptv.quant"

@@ -11,11 +11,14 @@ import time
 import torch
 from torch import nn
 
-from tinygptv.bench.cost import encode_flops, llm_weight_bytes_per_token
+from tinygptv.bench.cost import encode_flops
 from tinygptv.bench.generation import fixed_length_kwargs, time_answers
 from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
-from tinygptv.bench.workload import image_pixels, logits_to_keep, model_config, prefill_length
+from tinygptv.bench.workload import (
+    WEIGHT_BYTES_SOURCE, common_row, image_pixels, logits_to_keep, model_config, prefill_length, time_encode,
+)
 from tinygptv.config import LLMConfig, TinyGPTVConfig
+from tinygptv.quant import weight_bytes_per_token
 
 # LLM family -> the stock transformers class that runs it.
 STOCK_LLMS = {"phi": "PhiForCausalLM", "llama": "LlamaForCausalLM"}
@@ -69,18 +72,12 @@ def measure_reference(spec: dict, log) -> dict:
     length = prefill_length(config, spec["prompt_tokens"])  # the same sequence length the TinyGPT-V rows prefill
     ids = torch.randint(0, config.llm.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
-    row = {
-        "model": spec["model"], "quant": "reference", "load_s": load_s, "peak_rss_after_load_bytes": rss_after_load,
-        "llm": config.llm.name, "llm_class": STOCK_LLMS[config.llm.name], "llm_dtype": "float32",
-        "attn_implementation": "eager", "vision_tower": config.vision.name, "vision_dtype": "float32", "lora_r": 0,
-        "image_size": config.vision.image_size, "vision_tokens": tower.num_tokens,
-        "image_embeddings": config.qformer.num_query_tokens, "encode_gflop": None if flops is None else flops / 1e9,
-    }
+    row = common_row(spec, config, tower, flops, load_s, rss_after_load, quant="reference",
+                     llm_class=STOCK_LLMS[config.llm.name], llm_dtype="float32", attn_implementation="eager",
+                     vision_dtype="float32", lora_r=0)
     with torch.inference_mode():
         log(f"encoding (fp32): {warmup} warm-up + {repeats} timed images")
-        runs = time_runs(lambda: encoder.encode_image(pixels), warmup=warmup, repeats=repeats, device=device)
-        row.update(encode_s=median(runs), encode_runs_s=runs)
-        row["encode_gflop_s"] = None if flops is None else flops / 1e9 / median(runs)
+        row.update(time_encode(lambda: encoder.encode_image(pixels), flops, spec, device))
 
         log(f"prefill of {length} tokens: {warmup} warm-up + {repeats} timed")
         keep = logits_to_keep(llm)
@@ -97,6 +94,6 @@ def measure_reference(spec: dict, log) -> dict:
 
         log(f"answers of {new_tokens} tokens: {warmup} warm-up + {repeats} timed")
         row.update(time_answers(answer, new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device))
-    row["weight_bytes_per_token"], row["weight_bytes_source"] = llm_weight_bytes_per_token(llm), "tinygptv.bench.cost"
+    row["weight_bytes_per_token"], row["weight_bytes_source"] = weight_bytes_per_token(llm), WEIGHT_BYTES_SOURCE
     row.update(memory_report(device))
     return row

@@ -8,11 +8,14 @@ import time
 
 import torch
 
-from tinygptv.bench.cost import encode_flops, weight_bytes_per_token
+from tinygptv.bench.cost import encode_flops
 from tinygptv.bench.generation import fixed_length_kwargs, time_answers
 from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
 from tinygptv.config import PRESETS, TinyGPTVConfig, preset
 from tinygptv.data.templates import IMAGE_PLACEHOLDER
+from tinygptv.quant import weight_bytes_per_token
+
+WEIGHT_BYTES_SOURCE = "tinygptv.quant.weight_bytes_per_token"  # one definition for every row, the reference too
 
 # Text that a tokenizer splits into one token per repeat (BPE vocabularies: " the"; the byte-level one: "a"); the
 # first unit that gives exactly --prompt-tokens tokens is used.
@@ -93,6 +96,22 @@ def first_float_dtype(module: torch.nn.Module) -> str:
     return "unknown"
 
 
+def common_row(spec: dict, config: TinyGPTVConfig, tower, flops: int | None, load_s: float, rss_after_load: int,
+               **fields) -> dict:
+    """The fields every row has, from the model, the reference alike, plus the row's own `fields`."""
+    return {"model": spec["model"], "load_s": load_s, "peak_rss_after_load_bytes": rss_after_load,
+            "llm": config.llm.name, "vision_tower": config.vision.name, "image_size": config.vision.image_size,
+            "vision_tokens": tower.num_tokens, "image_embeddings": config.qformer.num_query_tokens,
+            "encode_gflop": None if flops is None else flops / 1e9, **fields}
+
+
+def time_encode(encode, flops: int | None, spec: dict, device: torch.device) -> dict:
+    """Median time of one image through `encode` and, for towers with a FLOP count, its GFLOP/s."""
+    runs = time_runs(encode, warmup=spec["warmup"], repeats=spec["repeats"], device=device)
+    return {"encode_s": median(runs), "encode_runs_s": runs,
+            "encode_gflop_s": None if flops is None else flops / 1e9 / median(runs)}
+
+
 def measure_tinygptv(spec: dict, log) -> dict:
     device = torch.device(spec["device"])
     warmup, repeats, new_tokens = spec["warmup"], spec["repeats"], spec["new_tokens"]
@@ -111,18 +130,12 @@ def measure_tinygptv(spec: dict, log) -> dict:
     tower = model.visual_encoder
     pixels = image_pixels(config, spec).to(device)
     flops = encode_flops(config, tower.num_tokens, tower.num_features)
-    row = {
-        "model": spec["model"], "quant": spec["quant"], "load_s": load_s, "peak_rss_after_load_bytes": rss_after_load,
-        "llm": config.llm.name, "llm_dtype": str(model.llm_dtype).removeprefix("torch."),
-        "vision_tower": config.vision.name, "vision_dtype": first_float_dtype(tower), "lora_r": config.lora.r,
-        "image_size": config.vision.image_size, "vision_tokens": tower.num_tokens,
-        "image_embeddings": config.qformer.num_query_tokens, "encode_gflop": None if flops is None else flops / 1e9,
-    }
+    row = common_row(spec, config, tower, flops, load_s, rss_after_load, quant=spec["quant"],
+                     llm_dtype=str(model.llm_dtype).removeprefix("torch."), vision_dtype=first_float_dtype(tower),
+                     lora_r=config.lora.r)
     with torch.inference_mode():
         log(f"encoding: {warmup} warm-up + {repeats} timed images")
-        runs = time_runs(lambda: model.encode_image(pixels), warmup=warmup, repeats=repeats, device=device)
-        row.update(encode_s=median(runs), encode_runs_s=runs)
-        row["encode_gflop_s"] = None if flops is None else flops / 1e9 / median(runs)
+        row.update(time_encode(lambda: model.encode_image(pixels), flops, spec, device))
 
         prompt = IMAGE_PLACEHOLDER + filler_text(model.tokenize, spec["prompt_tokens"])
         add_bos = config.prompt.bos_at_inference
@@ -150,6 +163,6 @@ def measure_tinygptv(spec: dict, log) -> dict:
 
         log(f"answers of {new_tokens} tokens: {warmup} warm-up + {repeats} timed")
         row.update(time_answers(answer, new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device))
-    row["weight_bytes_per_token"], row["weight_bytes_source"] = weight_bytes_per_token(model)
+    row["weight_bytes_per_token"], row["weight_bytes_source"] = weight_bytes_per_token(model.llm), WEIGHT_BYTES_SOURCE
     row.update(memory_report(device))
     return row

@@ -46,8 +46,7 @@ def quantize_model(model, mode: str):
     if model.config.quant != "none":
         raise ValueError(f"the model is already quantized ({model.config.quant}); load the unquantized one")
     model.merge_lora()
-    for name, dtype in COMPONENT_DTYPES[mode].items():
-        cast_weights(getattr(model, name), dtype)
+    _cast_components(model, mode)
     if mode in QUANTIZED_LINEAR:
         _swap_linears(model.llm, mode, QUANTIZED_LINEAR[mode].from_linear)
     model.config.quant = mode
@@ -57,11 +56,15 @@ def quantize_model(model, mode: str):
 def prepare_for_quantized_weights(model, mode: str) -> None:
     """Before loading a saved quantized copy: same layout as quantize_model, with empty layers to fill."""
     check_mode(mode)
-    for name, dtype in COMPONENT_DTYPES.get(mode, {}).items():
-        cast_weights(getattr(model, name), dtype)
+    _cast_components(model, mode)
     if mode in QUANTIZED_LINEAR:
         cls = QUANTIZED_LINEAR[mode]
         _swap_linears(model.llm, mode, lambda lin: cls(lin.in_features, lin.out_features, lin.bias is not None))
+
+
+def _cast_components(model, mode: str) -> None:
+    for name, dtype in COMPONENT_DTYPES.get(mode, {}).items():
+        cast_weights(getattr(model, name), dtype)
 
 
 def _swap_linears(root: nn.Module, mode: str, make) -> int:
@@ -126,16 +129,15 @@ def _materialize_random(module: nn.Module, dtype: torch.dtype, generator: torch.
             module.register_buffer(bname, new)
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes of LLM weights read to decode one token: every decoder layer, the final norm and lm_head in full, one
-    row of the embedding table (a tied lm_head still reads the whole table). Memory bandwidth / this bounds decode."""
-    llm = model.llm
+def weight_bytes_per_token(llm: nn.Module) -> int:
+    """Bytes of weights a language model reads to decode one token: every decoder layer, the final norm and lm_head in
+    full, one row of the embedding table (a tied lm_head still reads the whole table). Memory bandwidth / this bounds
+    decode. Takes the LLM module, so a TinyGPTV's `model.llm` and the bench's stock reference are counted alike."""
     embedding = llm.get_input_embeddings()
     total = 0
     for module in llm.modules():
         if isinstance(module, QUANTIZED_TYPES):
-            total += module.weight_bytes + (module.bias.numel() * module.bias.element_size()
-                                            if module.bias is not None else 0)
+            total += module.weight_bytes
         elif module is embedding:
             total += embedding.weight[0].numel() * embedding.weight.element_size()
         else:

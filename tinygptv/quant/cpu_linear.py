@@ -1,6 +1,6 @@
-# Weight-quantized replacements for nn.Linear on the CPU, used by tinygptv.quant.apply for --quant int8 / int4:
-# model -> [these layers inside the LLM] -> logits. Each keeps a portable state dict (plain int8 / uint8 tensors and
-# scales) and packs it for PyTorch's own kernel when loaded, so a quantized copy can be saved and loaded again.
+# Weight-quantized replacements for nn.Linear on the CPU, used by tinygptv.quant.apply for --quant int8 / int4 /
+# int8-dynamic: model -> [these layers inside the LLM] -> logits. Each saves its weights in a state dict (int8 codes,
+# or the int4 kernel's packed bytes, with their scales), so a quantized copy can be saved and loaded again.
 from __future__ import annotations
 
 import warnings
@@ -13,14 +13,8 @@ INT4_INNER_K_TILES = 2
 INT4_ROWS_AT_ONCE = 4096
 
 
-def _quiet_quantized_tensors():
-    """torch.quantize_per_channel warns that quantized tensors are deprecated; fbgemm's dynamic int8 GEMM, still the
-    fastest int8 path on these CPUs (cpu-performance.md), takes its weights only in that form."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated.*")
-    warnings.filterwarnings("ignore", message=".*quantized tensor.*deprecated.*")
-    return ctx
+def _bias_bytes(bias: Tensor | None) -> int:
+    return 0 if bias is None else bias.numel() * bias.element_size()
 
 
 def int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,7 +46,8 @@ class Int8Linear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return self.weight_int8.numel() + 2 * self.out_features
+        """Bytes one call reads: codes, scales and bias."""
+        return self.weight_int8.numel() + 2 * self.out_features + _bias_bytes(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -89,15 +84,16 @@ class Int8DynamicLinear(nn.Module):
         return q
 
     def pack(self) -> None:
-        """Hand the weights to fbgemm and drop the plain copy, so the layer holds one int8 copy, not two."""
-        ctx = _quiet_quantized_tensors()
-        try:
+        """Hand the weights to fbgemm and drop the plain copy, so the layer holds one int8 copy, not two.
+        torch.quantize_per_channel warns that quantized tensors are deprecated; fbgemm's dynamic int8 GEMM takes its
+        weights only in that form, so the warning is silenced here."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated.*")
+            warnings.filterwarnings("ignore", message=".*quantized tensor.*deprecated.*")
             zeros = torch.zeros(self.out_features, dtype=torch.long)
             qweight = torch.quantize_per_channel(self.weight_int8.float() * self.weight_scale[:, None],
                                                  self.weight_scale.double(), zeros, 0, torch.qint8)
             self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
-        finally:
-            ctx.__exit__(None, None, None)
         self.weight_int8 = torch.empty(0, dtype=torch.int8)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -116,7 +112,8 @@ class Int8DynamicLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return self.out_features * self.in_features + 4 * self.out_features
+        """Bytes one call reads: codes, scales and bias (the plain codes are dropped once packed, so from the shape)."""
+        return self.out_features * self.in_features + 4 * self.out_features + _bias_bytes(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -186,7 +183,8 @@ class Int4Linear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return self.weight_int4pack.numel() + self.scales_and_zeros.numel() * 2
+        """Bytes one call reads: packed codes, scales and zeros, and bias."""
+        return self.weight_int4pack.numel() + self.scales_and_zeros.numel() * 2 + _bias_bytes(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

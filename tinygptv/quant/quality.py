@@ -36,7 +36,8 @@ def prompt_set(template: str, n_scenes: int = 6) -> list[tuple[object, str, str]
     for index in range(n_scenes):
         shapes = make_scene(0, "test", index)
         image = draw_scene(shapes)
-        question, answer = vqa_pairs(shapes)[index % len(vqa_pairs(shapes))]
+        pairs = vqa_pairs(shapes)
+        question, answer = pairs[index % len(pairs)]
         items.append((image, single_prompt(template, question, task="vqa"), answer))
         items.append((image, single_prompt(template, f"the {shapes[0].name}", task="refer"), shape_box(shapes[0])))
     items += [(None, single_prompt(template, q, with_image=False), a) for q, a in TEXT_ONLY]
