@@ -15,8 +15,10 @@ from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import single_prompt
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.quant import (
-    Int4Linear, Int8DynamicLinear, Int8Linear, build_random_quantized, quantize_model, weight_bytes_per_token,
+    Int4Linear, Int8DynamicLinear, Int8Linear, build_random_quantized, check_mode, modes_for, quantize_model,
+    weight_bytes_per_token,
 )
+from tinygptv.quant.bnb_linear import bnb_from_linear, bnb_weight_bytes
 from tinygptv.serve.chat import ChatSession
 from tinygptv.serve.loading import load_model
 
@@ -68,6 +70,22 @@ def test_int8_dynamic_layer_is_close(linear):
     assert (q(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
 
 
+def assert_answers_survive(model, colour_images, trained_dir, mode, capsys, device="cpu"):
+    """Each image's own colour stays the likelier answer by a margin, and --quant reaches the model the CLI answers
+    with (the same words as a ChatSession on this model)."""
+    pixels = ImageProcessor(model.config.vision)([colour_images["red"], colour_images["blue"]])
+    prompt = single_prompt("stage3", QUESTION)
+    with torch.inference_mode():
+        right = model(pixels, [prompt] * 2, ["red", "blue"]).loss
+        wrong = model(pixels, [prompt] * 2, ["blue", "red"]).loss
+    assert right + 0.5 < wrong
+    session = ChatSession(model, max_new_tokens=8)
+    session.set_image(colour_images["red"])
+    assert main(["ask", "--model", trained_dir, "--quant", mode, "--device", device, "--image", colour_images["red"],
+                 "--max-new-tokens", "8", "--no-stream", QUESTION]) == 0
+    assert capsys.readouterr().out.strip() == session.ask(QUESTION)
+
+
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "int8-dynamic"])
 def test_quantized_copy_keeps_answers_and_loads_back_exactly(mode, trained_dir, colour_images, tmp_path, capsys):
     model = load_model(trained_dir, quant=mode)
@@ -75,19 +93,7 @@ def test_quantized_copy_keeps_answers_and_loads_back_exactly(mode, trained_dir, 
     kinds = {type(m) for m in model.llm.modules()}
     if mode != "bf16":
         assert nn.Linear not in kinds  # every LLM linear was swapped (tiny widths are multiples of 32)
-    # the learned answers survive quantization: each image's own colour stays the likelier answer by a margin
-    pixels = ImageProcessor(model.config.vision)([colour_images["red"], colour_images["blue"]])
-    prompt = single_prompt("stage3", QUESTION)
-    with torch.inference_mode():
-        right = model(pixels, [prompt] * 2, ["red", "blue"]).loss
-        wrong = model(pixels, [prompt] * 2, ["blue", "red"]).loss
-    assert right + 0.5 < wrong
-    # --quant reaches the model the CLI answers with
-    session = ChatSession(model, max_new_tokens=8)
-    session.set_image(colour_images["red"])
-    assert main(["ask", "--model", trained_dir, "--quant", mode, "--image", colour_images["red"],
-                 "--max-new-tokens", "8", "--no-stream", QUESTION]) == 0
-    assert capsys.readouterr().out.strip() == session.ask(QUESTION)
+    assert_answers_survive(model, colour_images, trained_dir, mode, capsys)
     # tinygptv quantize: a report, then a folder that loads as it was saved
     out = tmp_path / "q"
     assert main(["quantize", trained_dir, "--quant", mode, "--out", str(out), "--json"]) == 0
@@ -145,3 +151,59 @@ def test_unknown_mode_and_dtype_with_quant_are_refused():
     quantize_model(model, "int8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, "int4")
+
+
+@pytest.mark.parametrize("mode", ["bnb-int8", "bnb-nf4"])
+def test_bitsandbytes_layers_quantize_on_their_device(mode, linear):
+    """bitsandbytes' own CPU backend runs the same layers as CUDA, so the conversion is checked here too."""
+    q = bnb_from_linear(linear, mode, "cpu")
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    if mode == "bnb-int8":
+        assert q.weight.dtype == torch.int8 and q.weight.shape == (96, 256) and q.weight.SCB.shape == (96,)
+        tolerance = 0.03
+    else:
+        assert q.weight.dtype == torch.uint8 and q.weight.numel() == 96 * 256 // 2  # two 4-bit codes a byte
+        assert q.weight.quant_state.blocksize == 64 and q.weight.quant_state.quant_type == "nf4"
+        tolerance = 0.15
+    reference = linear(x.float())
+    assert (q(x).float() - reference).abs().max() < tolerance * reference.abs().max()
+    fp32_bytes = linear.weight.numel() * 4
+    assert fp32_bytes / 8 < bnb_weight_bytes(q) < fp32_bytes / (3.5 if mode == "bnb-int8" else 6)
+
+
+@pytest.mark.parametrize("mode", ["bnb-int8", "bnb-nf4"])
+def test_bitsandbytes_modes_keep_answers_and_are_report_only(mode, trained_dir, colour_images, tmp_path, capsys):
+    model = load_model(trained_dir, quant=mode)
+    assert model.config.quant == mode
+    assert not any(type(m) is nn.Linear for m in model.llm.modules())
+    assert {type(m).__name__ for m in model.llm.modules()} >= {"Linear8bitLt" if mode == "bnb-int8" else "Linear4bit"}
+    assert_answers_survive(model, colour_images, trained_dir, mode, capsys)
+    assert main(["quantize", trained_dir, "--quant", mode, "--report-only", "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["positions"] > 50 and 0.5 <= report["top1_agreement"] <= 1
+    assert main(["quantize", trained_dir, "--quant", mode, "--out", str(tmp_path / "q")]) == 2
+    assert f"{mode} is not saved: bitsandbytes quantizes" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_modes_are_checked_against_the_device(capsys):
+    assert "bnb-nf4" not in modes_for("cpu") and "int4" in modes_for("cpu")
+    assert "int4" not in modes_for("cuda") and {"none", "bf16", "bnb-int8", "bnb-nf4"} <= set(modes_for("cuda"))
+    with pytest.raises(ValueError, match="--quant int4 runs PyTorch's CPU kernels; on cuda use bnb-int8 or bnb-nf4"):
+        check_mode("int4", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda, but torch sees no CUDA device"):
+            load_model("tiny", device="cuda", quiet=True)
+    assert main(["ask", "--model", "tiny", "--device", "tpu", "hello"]) == 2
+    assert "--device 'tpu': not a device" in capsys.readouterr().err
+    assert main(["ask", "--model", "tiny", "--device", "meta", "hello"]) == 2
+    assert "--device 'meta': only cpu and cuda are supported" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("mode", ["none", "bf16", "bnb-int8", "bnb-nf4"])
+def test_cuda_modes_answer_on_the_gpu(mode, trained_dir, colour_images, capsys):
+    model = load_model(trained_dir, quant=mode, device="cuda")
+    assert model.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert_answers_survive(model, colour_images, trained_dir, mode, capsys, device="cuda")

@@ -16,6 +16,12 @@ def quant_modes() -> tuple[str, ...]:
     return tuple(QUANT_MODES)
 
 
+def default_modes(device: str) -> tuple[str, ...]:
+    from tinygptv.quant import modes_for
+
+    return modes_for(device)
+
+
 def quant_list(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     known = quant_modes()
@@ -56,7 +62,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                      help=f"a preset with random weights (default: {DEFAULT_PRESET}, the full-size model)")
     p.add_argument("--quant", type=quant_list, default=None,
                    help="comma-separated precisions from tinygptv.quant.QUANT_MODES (none = fp32 as saved, bf16, "
-                        "int8, int4, ...; default: all of them)")
+                        "int8, int4, ..., bnb-int8, bnb-nf4; default: the modes for --device: PyTorch's int8 / int4 / "
+                        "int8-dynamic kernels on the CPU, bitsandbytes on CUDA)")
     p.add_argument("--image-size", type=_at_least(1), default=None,
                    help="image size in px (presets only; default: the model's)")
     p.add_argument("--image", help="encode this image file instead of random pixels (same speed, real input)")
@@ -93,7 +100,7 @@ def settings_from_args(args):
     if args.bandwidth_gib <= 0:
         raise ValueError("--bandwidth-gib must be positive")
     return Settings(
-        model=args.model or args.preset or DEFAULT_PRESET, quant=args.quant or list(quant_modes()),
+        model=args.model or args.preset or DEFAULT_PRESET, quant=args.quant or list(default_modes(args.device)),
         image_size=args.image_size, image=args.image, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device,
         reference=args.reference, bandwidth_gib=args.bandwidth_gib, timeout_s=args.timeout,
@@ -111,10 +118,12 @@ def cmd_bench(args) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    rows = run_jobs(plan_jobs(settings), timeout_s=settings.timeout_s, log=log)
+    def save(rows):
+        write_json(args.out, assemble(settings.to_dict(), rows))
+
+    rows = run_jobs(plan_jobs(settings), timeout_s=settings.timeout_s, log=log, on_row=save)
     result = assemble(settings.to_dict(), rows)
     print(format_table(result))
-    write_json(args.out, result)
     log(f"bench: wrote {args.out}")
     return 0 if all(r.get("ok") for r in rows) else 1
 

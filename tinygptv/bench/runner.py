@@ -116,7 +116,8 @@ def exit_reason(returncode: int) -> str:
     return f"worker exited with status {returncode} without a result"
 
 
-def run_jobs(jobs: list[dict], *, timeout_s: float, log) -> list[dict]:
+def run_jobs(jobs: list[dict], *, timeout_s: float, log, on_row=None) -> list[dict]:
+    """on_row(rows so far) after each job, so results already measured survive a bench that is stopped."""
     rows = []
     for i, job in enumerate(jobs, 1):
         log(f"bench: [{i}/{len(jobs)}] {job['mode']}")
@@ -124,4 +125,6 @@ def run_jobs(jobs: list[dict], *, timeout_s: float, log) -> list[dict]:
         if not row.get("ok"):
             log(f"bench: {job['mode']} FAILED: {row['error']}")
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows

@@ -58,7 +58,7 @@ def model_name(spec: dict) -> str:
 def load(spec: dict):
     from tinygptv.serve.loading import load_model
 
-    return load_model(model_name(spec), quant=spec["quant"], quiet=True)
+    return load_model(model_name(spec), quant=spec["quant"], quiet=True, device=spec["device"])
 
 
 def image_pixels(config: TinyGPTVConfig, spec: dict) -> torch.Tensor:
@@ -120,8 +120,6 @@ def measure_tinygptv(spec: dict, log) -> dict:
     log(f"loading {spec['model']} with quant={spec['quant']}")
     start = time.perf_counter()
     model = load(spec)
-    if device.type != "cpu":
-        model.to(device)
     sync(device)
     load_s = time.perf_counter() - start
     rss_after_load = peak_rss_bytes()

@@ -2,10 +2,15 @@
 # Data path: it changes the LLM's attention projections only (QKV and output, r 64, alpha 16 in TinyGPT-V).
 from __future__ import annotations
 
+import logging
 import re
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
+# peft imports bitsandbytes when it is installed, and bitsandbytes' CPU backend then warns about an optional Hub kernel
+# it cannot fetch offline; that says nothing to our users, so its logger shows errors only. Every path that may import
+# bitsandbytes (peft here, --quant bnb-* in tinygptv.quant) comes through this module first.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from peft import LoraConfig as PeftLoraConfig  # noqa: E402
+from peft import inject_adapter_in_model  # noqa: E402
 from torch import nn
 
 from tinygptv.config import LoRAConfig

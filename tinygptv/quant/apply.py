@@ -6,17 +6,21 @@ import torch
 from torch import nn
 
 from tinygptv.model.tinygptv import cast_weights
+from tinygptv.quant.bnb_linear import BNB_MODES, bnb_from_linear, bnb_weight_bytes, import_bitsandbytes, is_bnb_layer
 from tinygptv.quant.cpu_linear import Int4Linear, Int8DynamicLinear, Int8Linear, int4_fits
 
-QUANT_MODES = ("none", "bf16", "int8", "int4", "int8-dynamic")
+CPU_MODES = ("int8", "int4", "int8-dynamic")  # PyTorch's CPU kernels
+QUANT_MODES = ("none", "bf16", *CPU_MODES, *BNB_MODES)
 COMPONENTS = ("visual_encoder", "connector", "projector", "llm")
-F32, BF16 = torch.float32, torch.bfloat16
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # Per mode, the dtype of each component's unquantized tensors. The vision tower runs in bf16 in every reduced mode
 # (one image per answer, compute-bound: bf16 GEMMs run ~2.5x fp32). The weight-only int8/int4 kernels take bf16
 # activations (30x slower with fp32), so everything around them is bf16; fbgemm's dynamic int8 takes fp32.
 ALL_BF16 = dict(visual_encoder=BF16, connector=BF16, projector=BF16, llm=BF16)
 COMPONENT_DTYPES = {
-    "bf16": ALL_BF16, "int8": ALL_BF16, "int4": ALL_BF16,
+    "bf16": ALL_BF16, "int8": ALL_BF16, "int4": ALL_BF16, "bnb-nf4": ALL_BF16,
+    # LLM.int8() computes in fp16 (it casts bf16 inputs at every call); the official 8-bit path runs the LLM in fp16
+    "bnb-int8": dict(visual_encoder=BF16, connector=BF16, projector=F16, llm=F16),
     "int8-dynamic": dict(visual_encoder=BF16, connector=F32, projector=F32, llm=F32),
 }
 QUANTIZED_LINEAR = {"int8": Int8Linear, "int4": Int4Linear, "int8-dynamic": Int8DynamicLinear}
@@ -28,34 +32,61 @@ def quantizable(mode: str, linear: nn.Module) -> bool:
     return type(linear) is nn.Linear and (mode != "int4" or int4_fits(linear.in_features, linear.out_features))
 
 
-def check_mode(mode: str) -> str:
+def check_mode(mode: str, device: torch.device | str = "cpu") -> str:
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    if mode in CPU_MODES and torch.device(device).type != "cpu":
+        raise ValueError(f"--quant {mode} runs PyTorch's CPU kernels; on {device} use "
+                         f"{' or '.join(BNB_MODES)} (bitsandbytes), or bf16")
+    if mode in BNB_MODES:
+        import_bitsandbytes()
     if mode == "int8-dynamic" and torch.backends.quantized.engine not in ("x86", "fbgemm"):
         raise ValueError(f"--quant {mode} needs an x86 CPU build of PyTorch (quantized engine here: "
                          f"{torch.backends.quantized.engine}); use bf16")
     return mode
 
 
-def quantize_model(model, mode: str):
+def modes_for(device: torch.device | str) -> tuple[str, ...]:
+    """The modes worth running on a device: bitsandbytes on CUDA, PyTorch's own kernels on the CPU (bitsandbytes'
+    CPU fallback works but dequantizes every layer at every call)."""
+    on_cpu = torch.device(device).type == "cpu"
+    return tuple(m for m in QUANT_MODES if m not in (BNB_MODES if on_cpu else CPU_MODES))
+
+
+def quantize_model(model, mode: str, device: torch.device | str | None = None):
     """In place: LoRA merged (same outputs, and a LoRA wrapper cannot be quantized), components cast, every Linear of
-    the LLM (lm_head included: it is read at every token) replaced by its quantized layer."""
-    check_mode(mode)
+    the LLM (lm_head included: it is read at every token) replaced by its quantized layer. bitsandbytes layers are
+    made on `device` (default: the model's) one at a time; the caller moves the rest of the model there."""
+    device = torch.device(device) if device is not None else model.device
+    check_mode(mode, device)
     if mode == "none":
         return model
     if model.config.quant != "none":
         raise ValueError(f"the model is already quantized ({model.config.quant}); load the unquantized one")
     model.merge_lora()
     _cast_components(model, mode)
-    if mode in QUANTIZED_LINEAR:
-        _swap_linears(model.llm, mode, QUANTIZED_LINEAR[mode].from_linear)
+    make = quantized_layer_maker(mode, device)
+    if make is not None:
+        _swap_linears(model.llm, mode, make)
     model.config.quant = mode
     return model
+
+
+def quantized_layer_maker(mode: str, device: torch.device):
+    """linear -> its quantized layer, or None for modes that only cast."""
+    if mode in QUANTIZED_LINEAR:
+        return QUANTIZED_LINEAR[mode].from_linear
+    if mode in BNB_MODES:
+        return lambda linear: bnb_from_linear(linear, mode, device)
+    return None
 
 
 def prepare_for_quantized_weights(model, mode: str) -> None:
     """Before loading a saved quantized copy: same layout as quantize_model, with empty layers to fill."""
     check_mode(mode)
+    if mode in BNB_MODES:
+        raise ValueError(f"a model saved as {mode} cannot be loaded: bitsandbytes quantizes when the weights reach the "
+                         f"device, so load the unquantized model with --quant {mode}")
     _cast_components(model, mode)
     if mode in QUANTIZED_LINEAR:
         cls = QUANTIZED_LINEAR[mode]
@@ -79,7 +110,7 @@ def _swap_linears(root: nn.Module, mode: str, make) -> int:
     return swapped
 
 
-def build_random_quantized(config, mode: str, tokenizer=None):
+def build_random_quantized(config, mode: str, tokenizer=None, device: torch.device | str = "cpu"):
     """A preset with random weights, materialised one module at a time in its final dtype and quantized at once, so
     the peak memory of building is the quantized model's size, not the fp32 model's (an 8 GB machine cannot hold
     the 15.6 GB fp32 TinyGPT-V first). LoRA is left out: a merged adapter costs nothing at inference."""
@@ -87,20 +118,22 @@ def build_random_quantized(config, mode: str, tokenizer=None):
     from tinygptv.config import TinyGPTVConfig
     from tinygptv.model.tinygptv import TinyGPTV
 
-    check_mode(mode)
+    device = torch.device(device)
+    check_mode(mode, device)
+    make = quantized_layer_maker(mode, device)
     config = TinyGPTVConfig.from_dict(config.to_dict())
     config.lora.r = 0
     with torch.device("meta"):
         model = TinyGPTV(config, tokenizer)
     dtypes = COMPONENT_DTYPES.get(mode, dict.fromkeys(COMPONENTS, F32))
-    generator = torch.Generator().manual_seed(0)
+    fill = RepeatedNoise()
     # Names, not modules: a list of the modules would keep every replaced full-precision Linear alive to the end.
     for name in [n for n, _ in model.named_modules() if n]:
         module = model.get_submodule(name)
-        _materialize_random(module, dtypes[name.split(".")[0]], generator)
-        if mode in QUANTIZED_LINEAR and name.startswith("llm.") and quantizable(mode, module):
+        _materialize_random(module, dtypes[name.split(".")[0]], fill)
+        if make is not None and name.startswith("llm.") and quantizable(mode, module):
             parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), leaf, QUANTIZED_LINEAR[mode].from_linear(module))
+            setattr(model.get_submodule(parent_name), leaf, make(module))
         del module
     materialize_buffers(model)
     model.config.quant = mode
@@ -108,7 +141,24 @@ def build_random_quantized(config, mode: str, tokenizer=None):
     return model.eval()
 
 
-def _materialize_random(module: nn.Module, dtype: torch.dtype, generator: torch.Generator) -> None:
+class RepeatedNoise:
+    """Weights for measuring speed: one block of N(0, 0.02) noise repeated through each tensor. Drawing 3.9 B fresh
+    normals takes minutes on one core; kernels run at the same speed on any values."""
+
+    def __init__(self, block: int = 1 << 22, seed: int = 0):
+        self.noise = torch.randn(block, generator=torch.Generator().manual_seed(seed)).mul_(0.02)
+        self.by_dtype: dict[torch.dtype, torch.Tensor] = {}
+
+    def fill_(self, t: torch.Tensor) -> torch.Tensor:
+        noise = self.by_dtype.setdefault(t.dtype, self.noise.to(t.dtype))
+        flat = t.view(-1)
+        for start in range(0, flat.numel(), noise.numel()):
+            end = min(start + noise.numel(), flat.numel())
+            flat[start:end].copy_(noise[:end - start])
+        return t
+
+
+def _materialize_random(module: nn.Module, dtype: torch.dtype, fill: RepeatedNoise) -> None:
     for pname, p in list(module.named_parameters(recurse=False)):
         if not p.is_meta:
             continue
@@ -118,7 +168,7 @@ def _materialize_random(module: nn.Module, dtype: torch.dtype, generator: torch.
         elif p.dim() == 1:
             t.fill_(1.0)  # norm weights
         else:
-            t.copy_(torch.randn(p.shape, generator=generator, dtype=dtype).mul_(0.02))  # no fp32 temporary
+            fill.fill_(t)
         setattr(module, pname, nn.Parameter(t, requires_grad=False))
     persistent = {n for n, _ in module.named_buffers(recurse=False)} - module._non_persistent_buffers_set
     for bname in persistent:
@@ -138,6 +188,8 @@ def weight_bytes_per_token(llm: nn.Module) -> int:
     for module in llm.modules():
         if isinstance(module, QUANTIZED_TYPES):
             total += module.weight_bytes
+        elif is_bnb_layer(module):
+            total += bnb_weight_bytes(module)
         elif module is embedding:
             total += embedding.weight[0].numel() * embedding.weight.element_size()
         else:

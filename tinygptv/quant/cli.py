@@ -12,7 +12,8 @@ def add_quantize_parser(sub):
 
     p = sub.add_parser(
         "quantize", help="save a quantized copy of a model and report what it costs in answers",
-        description="Load a model, quantize it (bf16, int8 or int4 weight-only for the LLM's linears, int8-dynamic), "
+        description="Load a model, quantize it (bf16, int8 or int4 weight-only for the LLM's linears, int8-dynamic; "
+                    "bitsandbytes' bnb-int8 and bnb-nf4 only report, since they quantize on loading), "
                     "and save a self-contained copy that `ask`, `chat`, `serve`, `demo`, `eval` and `bench` load "
                     "as it is. Before saving it scores the copy against the original on a fixed prompt set "
                     "(held-out synthetic scenes and text-only turns): top-1 agreement of the next token and mean "
@@ -24,6 +25,9 @@ def add_quantize_parser(sub):
                    help="precision to load the original in (bf16 halves the memory needed; the report then "
                         "compares against the bf16 model)")
     p.add_argument("--report-only", action="store_true", help="score the mode, save nothing")
+    p.add_argument("--device", default="auto",
+                   help="where the quantized model is scored: cpu, cuda[:N] or auto (default: the GPU for the "
+                        "bitsandbytes modes when there is one)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_quantize)
     return p
@@ -32,20 +36,24 @@ def add_quantize_parser(sub):
 def cmd_quantize(args) -> int:
     import torch
 
-    from tinygptv.quant import quantize_model
+    from tinygptv.quant import BNB_MODES, quantize_model
     from tinygptv.quant.quality import answer_logits, compare, prompt_set
     from tinygptv.serve.chat import default_template
-    from tinygptv.serve.loading import load_model
+    from tinygptv.serve.loading import load_model, pick_device
 
+    if args.quant in BNB_MODES and not args.report_only:
+        raise ValueError(f"{args.quant} is not saved: bitsandbytes quantizes as the weights reach the device, so "
+                         f"load the unquantized model with --quant {args.quant} (add --report-only to score it)")
     if args.out is None and not args.report_only:
         raise ValueError("--out is required (or pass --report-only)")
+    device = pick_device(args.device, args.quant)
     model = load_model(args.model, dtype=torch.bfloat16 if args.load_dtype == "bf16" else None)
     if model.config.quant != "none":
         raise ValueError(f"{args.model} is already quantized ({model.config.quant}); start from the original")
     items = prompt_set(default_template(model))
     print(f"scoring {len(items)} fixed prompts before and after quantizing to {args.quant} ...", file=sys.stderr)
     reference = answer_logits(model, items)
-    quantize_model(model, args.quant)
+    quantize_model(model, args.quant, device).to(device)
     report = compare(reference, answer_logits(model, items))
     result = {"model": args.model, "quant": args.quant, "against": args.load_dtype, **report.to_dict()}
     if args.json:

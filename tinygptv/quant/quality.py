@@ -56,7 +56,7 @@ def answer_logits(model, items) -> list[torch.Tensor]:
         inputs = model.build_inputs([prompt], embeds, [answer], add_bos=model.config.prompt.bos_at_inference)
         logits = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
         keep = inputs.labels[0, 1:] != IGNORE_INDEX
-        out.append(logits[0, :-1][keep].float())
+        out.append(logits[0, :-1][keep].float().cpu())
     return out
 
 

@@ -30,12 +30,16 @@ def resolve_name(name: str) -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, quant: str = "none",
-               merge_lora: bool = True, quiet: bool = False) -> TinyGPTV:
+               merge_lora: bool = True, quiet: bool = False, device: torch.device | str = "cpu") -> TinyGPTV:
     """`quant` (tinygptv.quant.QUANT_MODES) converts after loading; a preset is built directly in that form, and a
     folder saved by `tinygptv quantize` is already in it. merge_lora folds LoRA into the weights: the same answers
-    without the adapter's extra matmuls (quantizing always merges)."""
+    without the adapter's extra matmuls (quantizing always merges). The model is read on the CPU and then moved to
+    `device`; bitsandbytes layers are quantized on the device one by one, so it never holds the 16-bit LLM."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
     torch.set_flush_denormal(True)  # denormals slow CPU kernels by orders of magnitude; see train/loop.py
-    check_mode(quant)
+    check_mode(quant, device)
     if quant != "none" and dtype is not None:
         raise ValueError("give either a dtype or a quantization mode, not both (--quant bf16 is the bf16 model)")
     if name in PRESETS:
@@ -43,25 +47,25 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, q
             print(f"note: {name!r} is a preset: its weights are random, so its answers are noise. Pass --model with "
                   "a trained folder or a converted official checkpoint for real answers.", file=sys.stderr)
         if quant != "none":
-            return build_random_quantized(preset(name), quant, byte_level_tokenizer())
+            return build_random_quantized(preset(name), quant, byte_level_tokenizer(), device).to(device)
         model = TinyGPTV(preset(name), byte_level_tokenizer()).eval()
         model = model.merge_lora() if merge_lora else model
-        return cast_weights(model, dtype) if dtype is not None else model
+        return (cast_weights(model, dtype) if dtype is not None else model).to(device)
     # Quantizing from the stored precision (LoRA merged first, in fp32) gives the same weights as `tinygptv
     # quantize`; a machine too small for the stored model loads the folder that command saves instead.
     model = TinyGPTV.from_pretrained(resolve_name(name), dtype=dtype)
     if quant != "none" and model.config.quant == "none":
-        quantize_model(model, quant)
+        quantize_model(model, quant, device)
     elif quant not in ("none", model.config.quant):
         raise ValueError(f"{name} is saved quantized as {model.config.quant}; it cannot be loaded as {quant}")
-    return model.merge_lora() if merge_lora else model
+    return (model.merge_lora() if merge_lora else model).to(device)
 
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_precision_args(p) -> None:
-    """--dtype and --quant, the same on every command that loads a model for inference."""
+    """--dtype, --quant and --device, the same on every command that loads a model for inference."""
     from tinygptv.quant import QUANT_MODES
 
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -69,13 +73,32 @@ def add_precision_args(p) -> None:
     p.add_argument("--quant", choices=QUANT_MODES, default="none",
                    help="bf16: all weights bf16; int8 / int4: LLM linears weight-only int8 (per channel) / int4 "
                         "(groups of 128) with bf16 activations, the rest bf16; int8-dynamic: fbgemm int8 with "
-                        "activations quantized too (fastest decode, lower quality). docs/quantization.md")
+                        "activations quantized too (fastest decode, lower quality); bnb-int8 / bnb-nf4: bitsandbytes "
+                        "LLM.int8() / NF4 for the LLM's linears, the rest bf16 (for CUDA). docs/quantization.md")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N; auto (default): the GPU when there is one and the --quant mode runs "
+                        "there (int8 / int4 / int8-dynamic are CPU kernels), else the CPU")
 
 
 def load_for_args(args, name: str | None = None, *, merge_lora: bool = True) -> TinyGPTV:
     """--model / --dtype / --quant of any inference command to a ready model: the one place they are read."""
     return load_model(name or args.model or DEFAULT_MODEL, dtype=DTYPES[args.dtype], quant=args.quant,
-                      merge_lora=merge_lora)
+                      merge_lora=merge_lora, device=pick_device(args.device, args.quant))
+
+
+def pick_device(name: str, quant: str = "none") -> torch.device:
+    """--device to a torch device; auto takes the GPU only when there is one and the mode runs on it."""
+    from tinygptv.quant import CPU_MODES
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and quant not in CPU_MODES else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: not a device (use cpu, cuda, cuda:N or auto)") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
 
 
 def image_processor_for(model: TinyGPTV) -> ImageProcessor:
