@@ -64,6 +64,20 @@ def test_layers_take_non_contiguous_inputs(cls, linear):
     assert torch.equal(q(x), q(x.contiguous()))
 
 
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, Int8DynamicLinear])
+def test_row_blocks_give_the_same_layer_and_leave_the_original_alone(cls, linear, monkeypatch):
+    """Big layers are quantized a block of rows at a time (no fp32 copy of a whole lm_head); the result must not
+    depend on the block size, and the in-place arithmetic must not write into the caller's weights."""
+    import tinygptv.quant.cpu_linear as cpu_linear
+
+    before = linear.weight.detach().clone()
+    whole = cls.from_linear(linear).state_dict()
+    monkeypatch.setattr(cpu_linear, "ROWS_AT_ONCE", 64)  # 96 rows: a block of 64 and one of 32
+    blocked = cls.from_linear(linear).state_dict()
+    assert torch.equal(linear.weight, before)
+    assert whole.keys() == blocked.keys() and all(torch.equal(whole[k], blocked[k]) for k in whole)
+
+
 def test_int8_dynamic_layer_is_close(linear):
     q = Int8DynamicLinear.from_linear(linear)
     x = torch.randn(5, 256)
