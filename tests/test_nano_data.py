@@ -2,6 +2,8 @@
 # captions, and synthetic scenes whose boxes, answers and held-out split are deterministic and right.
 from __future__ import annotations
 
+import re
+
 import pytest
 from PIL import Image
 
@@ -40,6 +42,34 @@ def test_caption_labels_come_from_the_image_questions():
     ds = build_dataset("easyvqa_caption", instruction=False)
     sample = ds[0]
     assert sample.turns[0][0] is None and sample.turns[0][1].startswith("a ")
+
+
+def test_balanced_yes_no_questions_are_right_and_even():
+    """Each answer follows the image's own labels (negation flips it), and no phrasing predicts the answer alone."""
+    from collections import Counter
+
+    from tinygptv.data.datasets.easyvqa import labelled_images
+
+    labels = {x.image: (x.colour, x.shape) for x in labelled_images("train")}
+    ds = build_dataset("easyvqa_yesno", seed=0)
+    assert len(ds) == len(labels) > 2800  # images whose questions name both colour and shape
+    by_form = Counter()
+    for i in range(0, len(ds), 3):
+        sample = ds[i]
+        (question, answer), = sample.turns
+        colour, shape = labels[sample.image]
+        asked = question.rsplit(": ", 1)[-1]
+        thing = re.search(r"a (\w+ shape|circle|rectangle|triangle)", asked.replace("no ", "a ")).group(1)
+        present = thing in (f"{colour} shape", shape)
+        negated = re.search(r"\b(not|no)\b", asked) is not None
+        assert answer == ("yes" if present != negated else "no"), (question, colour, shape)
+        form = re.sub(r"\w+ shape|circle|rectangle|triangle", "X", asked)
+        by_form[(form, answer)] += 1
+    for form in {f for f, _ in by_form}:
+        yes, no = by_form[(form, "yes")], by_form[(form, "no")]
+        assert 0.3 < yes / (yes + no) < 0.7, (form, yes, no)
+    with pytest.raises(DatasetError, match="only 'train'"):
+        build_dataset("easyvqa_yesno", split="test")
 
 
 def test_scenes_are_deterministic_and_held_out_differs():

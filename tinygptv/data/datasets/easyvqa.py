@@ -47,6 +47,28 @@ def image_labels(questions, answers) -> tuple[str | None, str | None]:
     return colour, shape
 
 
+class LabelledImage(NamedTuple):
+    image: str
+    colour: str
+    shape: str
+    source: str
+
+
+def labelled_images(split: str) -> list[LabelledImage]:
+    """Each image of a split whose colour and shape its own questions give, in image-id order."""
+    (questions, answers, ids), paths = load_split(split)
+    per_image: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for q, a, i in zip(questions, answers, ids):
+        per_image[i][0].append(q)
+        per_image[i][1].append(a)
+    out = []
+    for i in sorted(per_image):
+        colour, shape = image_labels(*per_image[i])
+        if colour and shape:
+            out.append(LabelledImage(paths[i], colour, shape, f"easy_vqa/{split}:image {i}"))
+    return out
+
+
 def _train_only(split: str) -> None:
     if split != "train":
         raise DatasetError(f"easy-VQA split {split!r} cannot be used for training: only 'train' is (the test split "
@@ -91,6 +113,40 @@ class EasyVQA(RecordDataset[EasyRecord]):
         return Sample(record.image, turns, self.task, record.source)
 
 
+# easy-VQA's own yes/no phrasings ({} = "red shape" or "circle"): plain, and negated (which flip the answer).
+YES_NO_FORMS = ("does the image contain a {}?", "is a {} present?", "is there a {} in the image?", "is there a {}?")
+NEGATED_FORMS = ("does the image not contain a {}?", "is no {} present?", "is there not a {} in the image?",
+                 "is there not a {}?")
+
+
+@DATASETS.register("easyvqa_yesno")
+class EasyVQAYesNo(RecordDataset["LabelledImage"]):
+    """Yes/no questions in easy-VQA's phrasings about each train image's own labels, with "yes" and "no" equally
+    likely for every phrasing. easy-VQA's own yes/no questions mostly ask about what is absent (7 of 8 colour
+    questions answer "no", "yes" when negated), so the question alone gives ~85 % and a model learns to ignore the
+    image; balanced, only looking answers them."""
+
+    task = "vqa"
+
+    def __init__(self, split: str = "train", *, seed: int = 0, check_images: bool = True):
+        _train_only(split)
+        super().__init__(labelled_images(split), origin=f"easy_vqa/{split} balanced yes/no", seed=seed,
+                         check_images=check_images)
+
+    def make(self, record: LabelledImage, rng: random.Random) -> Sample:
+        colour, shape = record.colour, record.shape
+        present = rng.random() < 0.5
+        if rng.random() < 0.5:
+            asked = colour if present else rng.choice([c for c in COLOURS if c != colour])
+            thing = f"{asked} shape"
+        else:
+            thing = shape if present else rng.choice([k for k in SHAPES if k != shape])
+        negated = rng.random() < 0.5
+        question = rng.choice(NEGATED_FORMS if negated else YES_NO_FORMS).format(thing)
+        answer = "yes" if present != negated else "no"
+        return Sample(record.image, [(rng.choice(VQA_POOL).format(question), answer)], self.task, record.source)
+
+
 @DATASETS.register("easyvqa_caption")
 class EasyVQACaptions(RecordDataset[EasyRecord]):
     """One caption per train image, "a {colour} {shape}", from its labels; `instruction: false` gives caption-only
@@ -100,16 +156,7 @@ class EasyVQACaptions(RecordDataset[EasyRecord]):
 
     def __init__(self, split: str = "train", *, instruction: bool = True, seed: int = 0, check_images: bool = True):
         _train_only(split)
-        (questions, answers, ids), paths = load_split(split)
-        per_image: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
-        for q, a, i in zip(questions, answers, ids):
-            per_image[i][0].append(q)
-            per_image[i][1].append(a)
-        records = []
-        for i in sorted(per_image):
-            colour, shape = image_labels(*per_image[i])
-            if colour and shape:
-                records.append(EasyRecord(paths[i], "", f"a {colour} {shape}", f"easy_vqa/{split}:image {i}"))
+        records = [EasyRecord(x.image, "", f"a {x.colour} {x.shape}", x.source) for x in labelled_images(split)]
         self.instruction = instruction
         super().__init__(records, origin=f"easy_vqa/{split} captions", seed=seed, check_images=check_images)
 
