@@ -16,12 +16,6 @@ def quant_modes() -> tuple[str, ...]:
     return tuple(QUANT_MODES)
 
 
-def default_modes(device: str) -> tuple[str, ...]:
-    from tinygptv.quant import modes_for
-
-    return modes_for(device)
-
-
 def quant_list(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     known = quant_modes()
@@ -99,8 +93,10 @@ def settings_from_args(args):
             raise ValueError("--device cuda, but torch sees no CUDA device")
     if args.bandwidth_gib <= 0:
         raise ValueError("--bandwidth-gib must be positive")
+    from tinygptv.quant import modes_for
+
     return Settings(
-        model=args.model or args.preset or DEFAULT_PRESET, quant=args.quant or list(default_modes(args.device)),
+        model=args.model or args.preset or DEFAULT_PRESET, quant=args.quant or list(modes_for(args.device)),
         image_size=args.image_size, image=args.image, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device,
         reference=args.reference, bandwidth_gib=args.bandwidth_gib, timeout_s=args.timeout,

@@ -7,5 +7,6 @@ from tinygptv.quant.apply import (
 from tinygptv.quant.bnb_linear import BNB_MODES
 from tinygptv.quant.cpu_linear import Int4Linear, Int8DynamicLinear, Int8Linear
 
-__all__ = ["BNB_MODES", "CPU_MODES", "QUANT_MODES", "modes_for", "Int4Linear", "Int8DynamicLinear", "Int8Linear", "build_random_quantized", "check_mode",
-           "prepare_for_quantized_weights", "quantize_model", "weight_bytes_per_token"]
+__all__ = ["BNB_MODES", "CPU_MODES", "QUANT_MODES", "Int4Linear", "Int8DynamicLinear", "Int8Linear",
+           "build_random_quantized", "check_mode", "modes_for", "prepare_for_quantized_weights", "quantize_model",
+           "weight_bytes_per_token"]

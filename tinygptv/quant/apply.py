@@ -150,7 +150,9 @@ class RepeatedNoise:
         self.by_dtype: dict[torch.dtype, torch.Tensor] = {}
 
     def fill_(self, t: torch.Tensor) -> torch.Tensor:
-        noise = self.by_dtype.setdefault(t.dtype, self.noise.to(t.dtype))
+        if t.dtype not in self.by_dtype:  # converted once per dtype, not once per tensor
+            self.by_dtype[t.dtype] = self.noise.to(t.dtype)
+        noise = self.by_dtype[t.dtype]
         flat = t.view(-1)
         for start in range(0, flat.numel(), noise.numel()):
             end = min(start + noise.numel(), flat.numel())

@@ -59,15 +59,20 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, q
     check_mode(quant, device)
     if quant != "none" and dtype is not None:
         raise ValueError("give either a dtype or a quantization mode, not both (--quant bf16 is the bf16 model)")
+    return _read(name, dtype, quant, merge_lora, quiet, device).to(device)
+
+
+def _read(name: str, dtype, quant: str, merge_lora: bool, quiet: bool, device: torch.device) -> TinyGPTV:
+    """The model on the CPU, except bitsandbytes layers, which are already on `device`."""
     if name in PRESETS:
         if not quiet:
             print(f"note: {name!r} is a preset: its weights are random, so its answers are noise. Pass --model with "
                   "a trained folder or a converted official checkpoint for real answers.", file=sys.stderr)
         if quant != "none":
-            return build_random_quantized(preset(name), quant, byte_level_tokenizer(), device).to(device)
+            return build_random_quantized(preset(name), quant, byte_level_tokenizer(), device)
         model = TinyGPTV(preset(name), byte_level_tokenizer()).eval()
         model = model.merge_lora() if merge_lora else model
-        return (cast_weights(model, dtype) if dtype is not None else model).to(device)
+        return cast_weights(model, dtype) if dtype is not None else model
     # Quantizing from the stored precision (LoRA merged first, in fp32) gives the same weights as `tinygptv
     # quantize`; a machine too small for the stored model loads the folder that command saves instead.
     model = TinyGPTV.from_pretrained(resolve_name(name), dtype=dtype)
@@ -75,7 +80,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, q
         quantize_model(model, quant, device)
     elif quant not in ("none", model.config.quant):
         raise ValueError(f"{name} is saved quantized as {model.config.quant}; it cannot be loaded as {quant}")
-    return (model.merge_lora() if merge_lora else model).to(device)
+    return model.merge_lora() if merge_lora else model
 
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

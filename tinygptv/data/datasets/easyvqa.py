@@ -120,7 +120,7 @@ NEGATED_FORMS = ("does the image not contain a {}?", "is no {} present?", "is th
 
 
 @DATASETS.register("easyvqa_yesno")
-class EasyVQAYesNo(RecordDataset["LabelledImage"]):
+class EasyVQAYesNo(RecordDataset[LabelledImage]):
     """Yes/no questions in easy-VQA's phrasings about each train image's own labels, with "yes" and "no" equally
     likely for every phrasing. easy-VQA's own yes/no questions mostly ask about what is absent (7 of 8 colour
     questions answer "no", "yes" when negated), so the question alone gives ~85 % and a model learns to ignore the
