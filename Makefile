@@ -46,6 +46,8 @@ nano-model: setup
 	$(VENV)/bin/tinygptv train configs/nano_stage1.yaml
 	$(VENV)/bin/tinygptv train configs/nano_stage2.yaml
 	$(VENV)/bin/tinygptv train configs/nano_stage3.yaml
+	# stage 4's text-only turns: SmolLM2's own answers, written before any of its weights change (about 2 min)
+	$(PY) -m tinygptv.train.self_answers --out runs/nano_text/answers.json
 	$(VENV)/bin/tinygptv train configs/nano_stage4.yaml
 	$(VENV)/bin/tinygptv export runs/nano_stage4/final --out tinygptv/assets/tinygptv-nano --overlay-on backbones
 

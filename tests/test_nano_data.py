@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -54,17 +55,20 @@ def test_balanced_yes_no_questions_are_right_and_even():
     ds = build_dataset("easyvqa_yesno", seed=0)
     assert len(ds) == len(labels) > 2800  # images whose questions name both colour and shape
     by_form = Counter()
-    for i in range(0, len(ds), 3):
-        sample = ds[i]
-        (question, answer), = sample.turns
+    conversations = build_dataset("easyvqa_yesno", seed=0, questions_per_sample=3)
+    singles = [ds[i] for i in range(0, len(ds), 3)]
+    samples = singles + [conversations[i] for i in range(0, len(ds), 30)]
+    assert all(len(s.turns) == 1 for s in singles) and all(len(s.turns) == 3 for s in samples[len(singles):])
+    for sample in samples:
         colour, shape = labels[sample.image]
-        asked = question.rsplit(": ", 1)[-1]
-        thing = re.search(r"a (\w+ shape|circle|rectangle|triangle)", asked.replace("no ", "a ")).group(1)
-        present = thing in (f"{colour} shape", shape)
-        negated = re.search(r"\b(not|no)\b", asked) is not None
-        assert answer == ("yes" if present != negated else "no"), (question, colour, shape)
-        form = re.sub(r"\w+ shape|circle|rectangle|triangle", "X", asked)
-        by_form[(form, answer)] += 1
+        for question, answer in sample.turns:
+            asked = question.rsplit(": ", 1)[-1].removeprefix("[vqa] ")
+            thing = re.search(r"a (\w+ shape|circle|rectangle|triangle)", asked.replace("no ", "a ")).group(1)
+            present = thing in (f"{colour} shape", shape)
+            negated = re.search(r"\b(not|no)\b", asked) is not None
+            assert answer == ("yes" if present != negated else "no"), (question, colour, shape)
+            form = re.sub(r"\w+ shape|circle|rectangle|triangle", "X", asked)
+            by_form[(form, answer)] += 1
     for form in {f for f, _ in by_form}:
         yes, no = by_form[(form, "yes")], by_form[(form, "no")]
         assert 0.3 < yes / (yes + no) < 0.7, (form, yes, no)
@@ -90,6 +94,21 @@ def test_scene_boxes_match_the_pixels(tmp_path):
         cx, cy = (x1 + x2) // 2, (y1 + y2) // 2 + (y2 - y1) // 4  # inside every shape kind (low centre)
         assert image.getpixel((cx, cy)) == COLOURS[s.colour]
         assert image.getpixel((max(0, x1 - 3), max(0, y1 - 3))) != COLOURS[s.colour]
+
+
+def test_scene_colours_are_easy_vqa_colours():
+    """A colour name must mean the same fill in both training sets (other shades made the model's colour answers on
+    easy-VQA depend on which set it saw last)."""
+    from collections import Counter
+
+    from tinygptv.data.datasets.easyvqa import labelled_images
+
+    seen = {}
+    for record in labelled_images("train")[:200]:
+        pixels = Counter(map(tuple, np.asarray(Image.open(record.image).convert("RGB")).reshape(-1, 3).tolist()))
+        seen.setdefault(record.colour, Counter())[pixels.most_common(2)[1][0]] += 1  # [0] is the background
+    assert set(seen) == set(COLOURS)
+    assert {name: fills.most_common(1)[0][0] for name, fills in seen.items()} == COLOURS
 
 
 def test_scene_tasks_give_boxes_on_the_0_100_grid(tmp_path):

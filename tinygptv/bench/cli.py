@@ -106,7 +106,8 @@ def settings_from_args(args):
 def cmd_bench(args) -> int:
     """Exit status 0 when every job produced its row, 1 when one failed (its row says why); the table and the JSON
     are written either way."""
-    from tinygptv.bench.report import assemble, format_table, write_json
+    from tinygptv.atomic import write_json_atomic
+    from tinygptv.bench.report import assemble, format_table
     from tinygptv.bench.runner import plan_jobs, run_jobs
 
     settings = settings_from_args(args)
@@ -115,7 +116,7 @@ def cmd_bench(args) -> int:
         print(message, file=sys.stderr, flush=True)
 
     def save(rows):
-        write_json(args.out, assemble(settings.to_dict(), rows))
+        write_json_atomic(args.out, assemble(settings.to_dict(), rows))
 
     rows = run_jobs(plan_jobs(settings), timeout_s=settings.timeout_s, log=log, on_row=save)
     result = assemble(settings.to_dict(), rows)

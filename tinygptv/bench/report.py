@@ -1,12 +1,8 @@
 # Turns the bench's raw rows into what a reader compares: fractions of the machine's measured roofs, speed-ups over
-# the stock reference, a printed table, and the JSON file (written atomically). Last step after runner.py.
+# the stock reference, a printed table and the JSON document (bench.cli writes it). Last step after runner.py.
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from datetime import datetime, timezone
-from pathlib import Path
 
 SCHEMA = "tinygptv-bench/1"
 
@@ -50,21 +46,6 @@ def assemble(settings: dict, rows: list[dict]) -> dict:
         "machine": machine,
         "rows": measured,
     }
-
-
-def write_json(path: str | Path, result: dict) -> None:
-    """Temp file in the same folder, then os.replace: a reader (or a killed run) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _num(value, spec: str, scale: float = 1.0) -> str:

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from tinygptv.atomic import write_json_atomic
 from tinygptv.data.templates import IMAGE_PLACEHOLDER, TEMPLATES, single_prompt
 from tinygptv.eval.base import BENCHMARKS, STRICT, Benchmark, Item
 from tinygptv.eval.hm import NO_WORDS, YES_WORDS
@@ -61,14 +62,6 @@ def package_versions() -> dict[str, str]:
 def output_paths(out: Path, benchmark: str, split: str | None) -> tuple[Path, Path, Path]:
     stem = benchmark if split is None else f"{benchmark}.{split}"
     return out / f"{stem}.predictions.jsonl", out / f"{stem}.summary.json", out / f"{stem}.run.json"
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write to a temporary file in the same folder and rename it over the target: a reader never sees half a file,
-    and an interrupted write leaves the previous version."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class EmbeddingCache:

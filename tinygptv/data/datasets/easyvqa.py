@@ -128,12 +128,23 @@ class EasyVQAYesNo(RecordDataset[LabelledImage]):
 
     task = "vqa"
 
-    def __init__(self, split: str = "train", *, seed: int = 0, check_images: bool = True):
+    def __init__(self, split: str = "train", *, questions_per_sample: int = 1, seed: int = 0,
+                 check_images: bool = True):
         _train_only(split)
+        self.per_sample = questions_per_sample
         super().__init__(labelled_images(split), origin=f"easy_vqa/{split} balanced yes/no", seed=seed,
                          check_images=check_images)
 
     def make(self, record: LabelledImage, rng: random.Random) -> Sample:
+        """questions_per_sample k > 1: a conversation of k independent questions about the image, the follow-ups
+        in the short [vqa] form, as `easyvqa` does."""
+        pairs = [self._question(record, rng) for _ in range(self.per_sample)]
+        turns = [(rng.choice(VQA_POOL).format(pairs[0][0]), pairs[0][1])]
+        turns += [(VQA_POOL[0].format(q), a) for q, a in pairs[1:]]
+        return Sample(record.image, turns, self.task, record.source)
+
+    @staticmethod
+    def _question(record: LabelledImage, rng: random.Random) -> tuple[str, str]:
         colour, shape = record.colour, record.shape
         present = rng.random() < 0.5
         if rng.random() < 0.5:
@@ -143,8 +154,7 @@ class EasyVQAYesNo(RecordDataset[LabelledImage]):
             thing = shape if present else rng.choice([k for k in SHAPES if k != shape])
         negated = rng.random() < 0.5
         question = rng.choice(NEGATED_FORMS if negated else YES_NO_FORMS).format(thing)
-        answer = "yes" if present != negated else "no"
-        return Sample(record.image, [(rng.choice(VQA_POOL).format(question), answer)], self.task, record.source)
+        return question, "yes" if present != negated else "no"
 
 
 @DATASETS.register("easyvqa_caption")
