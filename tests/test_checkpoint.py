@@ -82,6 +82,20 @@ def test_a_base_without_lora_feeds_a_model_with_lora(tmp_path):
                        stage2.state_dict()[f"{qkv}.lora_A.default.weight"])
 
 
+def test_saving_again_keeps_the_model_card_and_a_readable_folder(tmp_path):
+    """Re-exporting into a folder (as `make nano-model` does into the bundled model) replaces the weights, not the
+    card the user wrote beside them; the folder gets the umask's permissions, not mkdtemp's 0700."""
+    _randomise(tiny_model(), 3).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "README.md").write_text("# my model\n")
+    second = _randomise(tiny_model(), 4)
+    second.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "README.md").read_text() == "# my model\n"
+    assert _same_state(TinyGPTV.from_pretrained(tmp_path / "m"), second)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     good = _randomise(tiny_model(), 3)
     good.save_pretrained(tmp_path / "m")

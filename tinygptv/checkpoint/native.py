@@ -23,6 +23,9 @@ class CheckpointError(ValueError):
     pass
 
 
+MODEL_CARD = "README.md"
+
+
 def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool = False,
                     base_model: str | None = None) -> Path:
     """Write to a temporary sibling folder, then swap it in: a crash never leaves a folder that looks complete."""
@@ -45,7 +48,13 @@ def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool
                   metadata={"format": "pt", "producer": "tinygptv"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
+        card = directory / MODEL_CARD
+        if card.is_file():  # the user's writing about the model: a re-export must not delete it
+            shutil.copy2(card, tmp / MODEL_CARD)
         config.save(tmp / CONFIG_NAME)  # written last: its presence marks a complete folder
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared model folder from other users
         swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
