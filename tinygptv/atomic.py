@@ -1,11 +1,25 @@
-# Atomic JSON writes shared by every command that leaves a result file (eval summaries, bench tables, training data).
-# A temp file in the target's folder, then os.replace: a reader or a killed run never sees half a file.
+# Atomic writes shared by every command that leaves a result: JSON files (eval summaries, bench tables, training data)
+# and staging folders renamed onto model folders, checkpoints and caches. A reader or a killed run never sees half.
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 from pathlib import Path
+
+
+# Read once, at import: os.umask can only be read by setting it, which would race with other threads' file creation.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def staging_dir(target: Path) -> Path:
+    """A new empty folder beside `target`, to be renamed onto it when complete. It gets an ordinary folder's
+    permissions (the umask's): mkdtemp's 0700 would make a model folder or cache private once renamed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o777 & ~_UMASK)
+    return tmp
 
 
 def write_json_atomic(path: str | os.PathLike, data, *, indent: int = 2) -> None:

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tinygptv.atomic import staging_dir
 from tinygptv.config import LLMConfig, QFormerConfig, TinyGPTVConfig, VisionConfig
 from tinygptv.registry import Registry
 
@@ -177,15 +177,11 @@ def cached_lm_dir(gguf: Path | None = None) -> Path:
     source = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
     if _is_complete(target, source):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = staging_dir(target)
     try:
         model, tokenizer = load_gguf(gguf)
         write_lm_folder(model, tokenizer, tmp)
         (tmp / CACHE_MARKER).write_text(json.dumps(source, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
         if target.exists() and not _is_complete(target, source):
             shutil.rmtree(target)  # an interrupted copy or an older source: replaced, never trusted
         try:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from tinygptv.atomic import staging_dir
 from tinygptv.checkpoint.backbones import BACKBONES_BASE, backbone_state
 from tinygptv.checkpoint.hub import resolve_model_dir
 from tinygptv.config import TinyGPTVConfig
@@ -41,8 +41,7 @@ def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool
         state = {k: v for k, v in state.items() if k in keep}
     else:
         config.base_model = None
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    tmp = staging_dir(directory)
     try:
         save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp / WEIGHTS_NAME,
                   metadata={"format": "pt", "producer": "tinygptv"})
@@ -52,9 +51,6 @@ def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool
         if card.is_file():  # the user's writing about the model: a re-export must not delete it
             shutil.copy2(card, tmp / MODEL_CARD)
         config.save(tmp / CONFIG_NAME)  # written last: its presence marks a complete folder
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared model folder from other users
         swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from tinygptv.atomic import staging_dir
 
 PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.pt"
@@ -21,7 +22,7 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, model, base_model: str, trainer_state: dict, keep: int) -> Path:
     final = checkpoint_dir(run_dir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=run_dir))
+    tmp = staging_dir(final)
     try:
         model.save_pretrained(tmp / "model", trainable_only=True, base_model=portable_base(base_model, final / "model"))
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_NAME)
