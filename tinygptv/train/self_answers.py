@@ -65,16 +65,19 @@ def chat_prompts() -> list[str]:
     return prompts + list(STANDALONE)
 
 
-def self_answers(model, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 16) -> list[dict]:
-    """LLaVA-style text-only records: each prompt and the model's own greedy answer (cut at end_sym)."""
+def text_turns(model, prompts) -> list[str]:
+    """Each prompt as a text-only user turn in the model's own template."""
     from tinygptv.data.templates import single_prompt
 
-    template = model.config.prompt.template
+    return [single_prompt(model.config.prompt.template, p, with_image=False) for p in prompts]
+
+
+def self_answers(model, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 16) -> list[dict]:
+    """LLaVA-style text-only records: each prompt and the model's own greedy answer (cut at end_sym)."""
     records = []
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     for batch in tqdm(batches, desc="self answers", unit="batch"):
-        texts = [single_prompt(template, p, with_image=False) for p in batch]
-        answers = model.generate(None, texts, max_new_tokens=max_new_tokens)
+        answers = model.generate(None, text_turns(model, batch), max_new_tokens=max_new_tokens)
         for prompt, answer in zip(batch, answers):
             answer = answer.strip()
             if keep_answer(answer, len(model.tokenizer.encode(answer, add_special_tokens=False)), max_new_tokens):
@@ -96,11 +99,8 @@ def compare(models: dict, prompts=HELD_OUT_PROMPTS, *, max_new_tokens: int = 64)
     """For each model (the first is the reference LM): its greedy answers, and the mean per-token negative
     log-likelihood it gives the reference's own answers. A model that kept the LM's manner scores close to the
     reference's NLL; one that learned to answer in a word scores far above it."""
-    from tinygptv.data.templates import single_prompt
-
     reference = next(iter(models.values()))
-    template = reference.config.prompt.template
-    texts = [single_prompt(template, p, with_image=False) for p in prompts]
+    texts = text_turns(reference, prompts)
     wanted = [a.strip() for a in reference.generate(None, texts, max_new_tokens=max_new_tokens)]
     rows = []
     for name, model in models.items():
@@ -151,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 print(f"  {row['model']}: {row['answers'][k][:160]!r}")
         return 0
+    prompts = chat_prompts()
     with torch.inference_mode():
-        records = self_answers(model, chat_prompts(), max_new_tokens=args.max_new_tokens)
+        records = self_answers(model, prompts, max_new_tokens=args.max_new_tokens)
     write_json_atomic(args.out, records)  # a stopped run leaves no partial file a recipe would read
-    print(f"wrote {args.out}: {len(records)} text-only turns (of {len(chat_prompts())} prompts)")
+    print(f"wrote {args.out}: {len(records)} text-only turns (of {len(prompts)} prompts)")
     return 0
 
 
