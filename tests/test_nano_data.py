@@ -76,6 +76,24 @@ def test_balanced_yes_no_questions_are_right_and_even():
         build_dataset("easyvqa_yesno", split="test")
 
 
+
+def test_yes_no_with_labels_as_text_is_the_same_question_with_the_image_in_words():
+    """The text form must ask exactly what the image form asks, with the image's own labels said before the
+    question, so what the LoRA learns from words is the comparison it needs on the image."""
+    from tinygptv.data.datasets.easyvqa import labelled_images
+
+    labels = {x.source: (x.colour, x.shape) for x in labelled_images("train")}
+    images = build_dataset("easyvqa_yesno", seed=3, questions_per_sample=2)
+    texts = build_dataset("easyvqa_yesno", seed=3, questions_per_sample=2, labels_as_text=True)
+    for i in range(0, len(images), 97):
+        pictured, worded = images[i], texts[i]
+        assert worded.image is None and pictured.image is not None
+        colour, shape = labels[worded.source]
+        question = pictured.turns[0][0].rsplit(": ", 1)[-1].removeprefix("[vqa] ")
+        assert worded.turns[0] == (f"[vqa] The image shows a {colour} {shape}. {question}", pictured.turns[0][1])
+        assert worded.turns[1:] == pictured.turns[1:] and worded.task == "vqa"
+
+
 def test_scenes_are_deterministic_and_held_out_differs():
     assert make_scene(0, "train", 5) == make_scene(0, "train", 5)
     train = [make_scene(0, "train", i) for i in range(20)]

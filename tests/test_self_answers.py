@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -54,3 +55,6 @@ def test_a_write_that_fails_midway_keeps_the_previous_file(tmp_path):
     with pytest.raises(TypeError):  # the second record cannot be serialised: json.dump fails after writing part
         write_json_atomic(out, [{"conversations": []}, {"bad": object()}])
     assert out.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["answers.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600

@@ -172,6 +172,21 @@ def test_stage_recipes_load_and_plan_at_full_size(stage):
     assert 7 < with_ckpt < 24  # frozen weights alone are ~7.4 GB in half precision
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_nano_recipes_build_every_dataset_they_name(stage):
+    """`make nano-model` runs these unattended for most of an hour: a misspelt dataset argument must fail here,
+    not after stage 3. (The text-only answers file is written by the pipeline itself, so it is not read here.)"""
+    from tinygptv.data.datasets import DATASETS
+
+    recipe = load_recipe(ROOT / "configs" / f"nano_stage{stage}.yaml")
+    for entry in recipe.datasets:
+        if entry.name == "llava_json":
+            assert entry.args["ann_path"] == "runs/nano_text/answers.json"
+            continue
+        dataset = DATASETS[entry.name](**{"seed": recipe.seed, "check_images": False, **entry.args})
+        assert len(dataset) > 0 and dataset[0].turns[0][1]
+
+
 def test_recipe_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text().replace("tune: {", "tune: {qformr: full, "))

@@ -22,6 +22,20 @@ def staging_dir(target: Path) -> Path:
     return tmp
 
 
+def readable(path: str | os.PathLike) -> None:
+    """An ordinary file's permissions (the umask's): mkstemp and safetensors' writer both create files 0600, which
+    would make exported weights or an eval summary unreadable by anyone else on a shared machine."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
+def save_weights(state: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """A state dict as safetensors, with an ordinary file's permissions."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, path, metadata=metadata)
+    readable(path)
+
+
 def write_json_atomic(path: str | os.PathLike, data, *, indent: int = 2) -> None:
     """An interrupted write leaves the previous version (or nothing), never a truncated file that parses as done."""
     path = Path(path)
@@ -31,6 +45,7 @@ def write_json_atomic(path: str | os.PathLike, data, *, indent: int = 2) -> None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=indent, ensure_ascii=False)
             f.write("\n")
+        readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from tinygptv.atomic import staging_dir
+from tinygptv.atomic import save_weights, staging_dir
 from tinygptv.config import LLMConfig, QFormerConfig, TinyGPTVConfig, VisionConfig
 from tinygptv.registry import Registry
 
@@ -158,8 +158,7 @@ def write_lm_folder(model, tokenizer, folder: Path) -> None:
     state = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})
+    save_weights(state, folder / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(folder)
     # Plain encodes must not prepend BOS (TinyGPT-V adds its own start token); say so in the file, not only in code.
     tok_config_path = folder / "tokenizer_config.json"

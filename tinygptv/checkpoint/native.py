@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from tinygptv.atomic import staging_dir
+from tinygptv.atomic import save_weights, staging_dir
 from tinygptv.checkpoint.backbones import BACKBONES_BASE, backbone_state
 from tinygptv.checkpoint.hub import resolve_model_dir
 from tinygptv.config import TinyGPTVConfig
@@ -43,8 +43,7 @@ def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool
         config.base_model = None
     tmp = staging_dir(directory)
     try:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp / WEIGHTS_NAME,
-                  metadata={"format": "pt", "producer": "tinygptv"})
+        save_weights(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "producer": "tinygptv"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         card = directory / MODEL_CARD

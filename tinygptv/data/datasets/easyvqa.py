@@ -124,14 +124,19 @@ class EasyVQAYesNo(RecordDataset[LabelledImage]):
     """Yes/no questions in easy-VQA's phrasings about each train image's own labels, with "yes" and "no" equally
     likely for every phrasing. easy-VQA's own yes/no questions mostly ask about what is absent (7 of 8 colour
     questions answer "no", "yes" when negated), so the question alone gives ~85 % and a model learns to ignore the
-    image; balanced, only looking answers them."""
+    image; balanced, only looking answers them.
+
+    labels_as_text: a text-only sample that says what the image shows instead ("[vqa] The image shows a red
+    circle. is there not a red shape?"). Even told the shape in words, SmolLM2-135M answers these at chance (the negated forms flip the
+    answer); from text it learns the comparison in ~50 steps, from the image alone not in 150. Learned first from
+    text, the same LoRA then learns to read it from the image (balanced accuracy 50 -> 85 % in 60 more steps)."""
 
     task = "vqa"
 
-    def __init__(self, split: str = "train", *, questions_per_sample: int = 1, seed: int = 0,
-                 check_images: bool = True):
+    def __init__(self, split: str = "train", *, questions_per_sample: int = 1, labels_as_text: bool = False,
+                 seed: int = 0, check_images: bool = True):
         _train_only(split)
-        self.per_sample = questions_per_sample
+        self.per_sample, self.labels_as_text = questions_per_sample, labels_as_text
         super().__init__(labelled_images(split), origin=f"easy_vqa/{split} balanced yes/no", seed=seed,
                          check_images=check_images)
 
@@ -139,6 +144,11 @@ class EasyVQAYesNo(RecordDataset[LabelledImage]):
         """questions_per_sample k > 1: a conversation of k independent questions about the image, the follow-ups
         in the short [vqa] form, as `easyvqa` does."""
         pairs = [self._question(record, rng) for _ in range(self.per_sample)]
+        if self.labels_as_text:
+            said = f"The image shows a {record.colour} {record.shape}. "
+            turns = [(VQA_POOL[0].format(said + pairs[0][0]), pairs[0][1])]
+            turns += [(VQA_POOL[0].format(q), a) for q, a in pairs[1:]]
+            return Sample(None, turns, self.task, record.source)
         turns = [(rng.choice(VQA_POOL).format(pairs[0][0]), pairs[0][1])]
         turns += [(VQA_POOL[0].format(q), a) for q, a in pairs[1:]]
         return Sample(record.image, turns, self.task, record.source)
