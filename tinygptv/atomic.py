@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 # Read once, at import: os.umask can only be read by setting it, which would race with other threads' file creation.
@@ -36,17 +38,25 @@ def save_weights(state: dict, path: str | os.PathLike, metadata: dict[str, str])
     readable(path)
 
 
-def write_json_atomic(path: str | os.PathLike, data, *, indent: int = 2) -> None:
-    """An interrupted write leaves the previous version (or nothing), never a truncated file that parses as done."""
+@contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` to write; renamed onto `path` with an ordinary file's permissions when the
+    block finishes, deleted if it raises. An interrupted write leaves the previous version (or nothing), never a
+    truncated file that reads as done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent, ensure_ascii=False)
-            f.write("\n")
+        yield Path(tmp)
         readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data, *, indent: int = 2) -> None:
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=indent, ensure_ascii=False)
+        f.write("\n")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from tinygptv.atomic import replacing
 
 SIZE = 224
 SHAPES = ("circle", "rectangle", "triangle")  # easy-VQA's shapes and colour names
@@ -79,15 +80,8 @@ def scene_image(root: str | os.PathLike, seed: int, split: str, index: int) -> s
     """The scene's PNG under root (drawn once, written atomically), so images have paths like any dataset's."""
     path = Path(root) / f"seed{seed}-{PALETTE_TAG}" / split / f"{index:06d}.png"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
+        with replacing(path) as tmp:
             draw_scene(make_scene(seed, split, index)).save(tmp, format="PNG")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return str(path)
 
 

@@ -104,13 +104,17 @@ class EasyVQA(RecordDataset[EasyRecord]):
 
     def make(self, record: EasyRecord, rng: random.Random) -> Sample:
         if self.per_sample == 1:
-            return Sample(record.image, [(rng.choice(VQA_POOL).format(record.question), record.answer)], self.task,
-                          record.source)
-        pairs = self.questions[record.image]
-        chosen = rng.sample(pairs, min(self.per_sample, len(pairs)))
-        turns = [(rng.choice(VQA_POOL).format(chosen[0][0]), chosen[0][1])]
-        turns += [(VQA_POOL[0].format(q), a) for q, a in chosen[1:]]
-        return Sample(record.image, turns, self.task, record.source)
+            chosen = [(record.question, record.answer)]
+        else:
+            pairs = self.questions[record.image]
+            chosen = rng.sample(pairs, min(self.per_sample, len(pairs)))
+        return Sample(record.image, vqa_conversation(chosen, rng.choice(VQA_POOL)), self.task, record.source)
+
+
+def vqa_conversation(pairs: list[tuple[str, str]], first_prompt: str) -> list[tuple[str, str]]:
+    """(question, answer) pairs as [vqa] turns: the first in `first_prompt` (a VQA_POOL entry), the follow-ups in
+    the short form, as a chat's later questions are asked."""
+    return [(first_prompt.format(pairs[0][0]), pairs[0][1])] + [(VQA_POOL[0].format(q), a) for q, a in pairs[1:]]
 
 
 # easy-VQA's own yes/no phrasings ({} = "red shape" or "circle"): plain, and negated (which flip the answer).
@@ -127,8 +131,8 @@ class EasyVQAYesNo(RecordDataset[LabelledImage]):
     image; balanced, only looking answers them.
 
     labels_as_text: a text-only sample that says what the image shows instead ("[vqa] The image shows a red
-    circle. is there not a red shape?"). Even told the shape in words, SmolLM2-135M answers these at chance (the negated forms flip the
-    answer); from text it learns the comparison in ~50 steps, from the image alone not in 150. Learned first from
+    circle. is there not a red shape?"). Even told the shape in words, SmolLM2-135M answers these at chance (the
+    negated forms flip the answer); from text it learns the comparison in ~50 steps, from the image alone not in 150. Learned first from
     text, the same LoRA then learns to read it from the image (balanced accuracy 50 -> 85 % in 60 more steps)."""
 
     task = "vqa"
@@ -145,13 +149,10 @@ class EasyVQAYesNo(RecordDataset[LabelledImage]):
         in the short [vqa] form, as `easyvqa` does."""
         pairs = [self._question(record, rng) for _ in range(self.per_sample)]
         if self.labels_as_text:
-            said = f"The image shows a {record.colour} {record.shape}. "
-            turns = [(VQA_POOL[0].format(said + pairs[0][0]), pairs[0][1])]
-            turns += [(VQA_POOL[0].format(q), a) for q, a in pairs[1:]]
-            return Sample(None, turns, self.task, record.source)
-        turns = [(rng.choice(VQA_POOL).format(pairs[0][0]), pairs[0][1])]
-        turns += [(VQA_POOL[0].format(q), a) for q, a in pairs[1:]]
-        return Sample(record.image, turns, self.task, record.source)
+            (question, answer), said = pairs[0], f"The image shows a {record.colour} {record.shape}. "
+            return Sample(None, vqa_conversation([(said + question, answer)] + pairs[1:], VQA_POOL[0]), self.task,
+                          record.source)
+        return Sample(record.image, vqa_conversation(pairs, rng.choice(VQA_POOL)), self.task, record.source)
 
     @staticmethod
     def _question(record: LabelledImage, rng: random.Random) -> tuple[str, str]:
