@@ -35,6 +35,18 @@ def test_easyvqa_conversations_group_one_image():
     assert ds[0].turns == sample.turns  # deterministic per (seed, index, epoch)
 
 
+def test_easyvqa_kinds_keep_only_those_answers():
+    colours = build_dataset("easyvqa", questions_per_sample=5, kinds=["colour"], seed=0)
+    answers = [a for k in range(50) for _, a in colours[k].turns]
+    assert set(answers) <= set(COLOURS) and len(set(answers)) > 3
+    assert any(len(colours[k].turns) > 1 for k in range(50))  # images with two colour questions keep both
+    naming = build_dataset("easyvqa", kinds=["colour", "shape"], seed=0)
+    assert {"circle", "red"} <= {naming[k].turns[0][1] for k in range(len(naming))} <= \
+        {"circle", "rectangle", "triangle", *COLOURS}
+    with pytest.raises(DatasetError, match="kinds.*'colour'"):
+        build_dataset("easyvqa", kinds=["color"])
+
+
 def test_caption_labels_come_from_the_image_questions():
     qs = ["what color is the triangle?", "is there a red shape?"]
     assert image_labels(qs, ["blue", "no"]) == ("blue", "triangle")

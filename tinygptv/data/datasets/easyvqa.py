@@ -14,6 +14,7 @@ from tinygptv.data.datasets.text import CAPTION_POOL, VQA_POOL
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+ANSWER_KINDS = {"yes/no": ("yes", "no"), "colour": COLOURS, "shape": SHAPES}
 
 
 class EasyRecord(NamedTuple):
@@ -81,14 +82,23 @@ class EasyVQA(RecordDataset[EasyRecord]):
 
     With questions_per_sample k > 1 a record is one image and a sample a conversation of up to k of its questions
     in random order (the follow-ups in the short form): the image's tokens are paid once for k answers, which
-    matters on a CPU."""
+    matters on a CPU.
+
+    kinds: only the questions whose answer is of these kinds ("yes/no", "colour", "shape"), to give one kind a
+    larger share of a mix than easy-VQA's own (73 % yes/no, 13 % colour, 13 % shape)."""
 
     task = "vqa"
 
     def __init__(self, split: str = "train", *, questions_per_sample: int = 1, limit: int | None = None,
-                 seed: int = 0, check_images: bool = True):
+                 kinds: list[str] | None = None, seed: int = 0, check_images: bool = True):
         _train_only(split)
         (questions, answers, ids), paths = load_split(split)
+        if kinds is not None:
+            unknown = [k for k in kinds if k not in ANSWER_KINDS]
+            if unknown or not kinds:
+                raise DatasetError(f"easyvqa kinds {kinds!r}: expected a non-empty list of {sorted(ANSWER_KINDS)}")
+            allowed = {a for k in kinds for a in ANSWER_KINDS[k]}
+            questions, answers, ids = zip(*[x for x in zip(questions, answers, ids) if x[1] in allowed])
         self.per_sample = questions_per_sample
         if questions_per_sample > 1:
             grouped: dict[int, list] = defaultdict(list)
