@@ -88,7 +88,6 @@ def test_balanced_yes_no_questions_are_right_and_even():
         build_dataset("easyvqa_yesno", split="test")
 
 
-
 def test_yes_no_with_labels_as_text_is_the_same_question_with_the_image_in_words():
     """The text form must ask exactly what the image form asks, with the image's own labels said before the
     question, so what the LoRA learns from words is the comparison it needs on the image."""

@@ -11,9 +11,10 @@ from typing import NamedTuple
 from tinygptv.data.datasets.base import DATASETS, RecordDataset
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.data.datasets.text import CAPTION_POOL, VQA_POOL
+from tinygptv.data.scenes import COLOURS as FILLS
+from tinygptv.data.scenes import SHAPES
 
-SHAPES = ("circle", "rectangle", "triangle")
-COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+COLOURS = tuple(FILLS)  # easy-VQA's eight colour names, the scenes' palette keys
 ANSWER_KINDS = {"yes/no": ("yes", "no"), "colour": COLOURS, "shape": SHAPES}
 
 
@@ -142,8 +143,9 @@ class EasyVQAYesNo(RecordDataset[LabelledImage]):
 
     labels_as_text: a text-only sample that says what the image shows instead ("[vqa] The image shows a red
     circle. is there not a red shape?"). Even told the shape in words, SmolLM2-135M answers these at chance (the
-    negated forms flip the answer); from text it learns the comparison in ~50 steps, from the image alone not in 150. Learned first from
-    text, the same LoRA then learns to read it from the image (balanced accuracy 50 -> 85 % in 60 more steps)."""
+    negated forms flip the answer); from text it learns the comparison in ~50 steps, from the image alone not in
+    150. Learned first from text, the same LoRA then learns to read it from the image (balanced accuracy
+    50 -> 85 % in 60 more steps)."""
 
     task = "vqa"
 
