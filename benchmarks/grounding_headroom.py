@@ -14,7 +14,6 @@ example count is a floor for it, not an estimate; the LLM path trains at a few r
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 
@@ -26,7 +25,8 @@ from tqdm import tqdm
 from tinygptv.data.scenes import COLOURS, SHAPES, SIZE, Shape, draw_scene, make_scene
 from tinygptv.eval.refcoco import iou
 from tinygptv.serve.loading import image_processor_for
-from tinygptv.train.recipe import load_recipe
+from tinygptv.train.recipe import Schedule, load_recipe
+from tinygptv.train.schedule import learning_rate
 from tinygptv.train.start import build_start_model
 
 ROUTES = ("tower", "qformer")
@@ -111,15 +111,16 @@ def run_route(route: str, args, model, train, held_out) -> int | None:
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable + list(head.parameters()), lr=args.lr, weight_decay=0.05)
     steps = args.steps if route == "tower" else args.qformer_steps
+    # the training loop's warm-up + cosine, down to a tenth of the peak
+    schedule = Schedule(init_lr=args.lr, min_lr=args.lr / 10, warmup_lr=0.0, warmup_steps=20, iters_per_epoch=steps)
+    optimizer = torch.optim.AdamW(trainable + list(head.parameters()), lr=args.lr, weight_decay=schedule.weight_decay)
     seen, reached, start = 0, None, time.perf_counter()
     print(f"\n{route}: {steps} steps of {args.batch} scenes, learning rate {args.lr}")
     print(f"{'step':>6} {'examples':>9} {'Acc@0.5':>8} {'error px':>9} {'s/step':>7}")
     for step in range(1, steps + 1):
-        warm = min(1.0, step / 20)
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+            group["lr"] = learning_rate(schedule, step)
         which = rng.sample(range(len(train[1])), args.batch)
         rows, colours, kinds, boxes = referring_items(train[1], which)
         x1, y1, x2, y2 = boxes.unbind(-1)
