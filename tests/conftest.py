@@ -11,6 +11,7 @@ from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import single_prompt
 from tinygptv.data.tokenizer import byte_level_tokenizer
 from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.checkpoint.native import save_pretrained
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
 QUESTION = "what colour is it?"
@@ -53,5 +54,5 @@ def trained_dir(tmp_path_factory, colour_images) -> str:
         opt.step()
     assert loss.item() < 0.05, f"the fixture model did not learn its two answers (loss {loss.item():.3f})"
     out = tmp_path_factory.mktemp("models") / "colours"
-    model.eval().save_pretrained(out)
+    save_pretrained(model.eval(), out)
     return str(out)

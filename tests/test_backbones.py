@@ -33,8 +33,9 @@ from tinygptv.model.llm import LLM_ADAPTERS, build_llm
 from tinygptv.model.llm.llama import llama_config
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.vision import VISION_TOWERS, EfficientNetLite0
-from tinygptv.model.vision.efficientnet import imagenet_logits
+from tinygptv.model.vision.efficientnet import HEAD_CHANNELS, EfficientNetLite0
 from tinygptv.registry import Registry
+from tinygptv.checkpoint.native import load_pretrained, save_pretrained
 
 ENGLISH = [
     "The quick brown fox jumps over the lazy dog.",
@@ -70,6 +71,13 @@ def converted(tmp_path_factory):
 def nano(converted) -> TinyGPTV:
     return build_from_backbones(preset("nano"))
 
+
+
+def imagenet_logits(model: EfficientNetLite0, fc_weight, fc_bias, pixel_values):
+    """The package's own ImageNet head on our features (global average pool -> `_fc`): a check that the loaded weights
+    are the real classifier (the TinyGPT-V path never uses it)."""
+    pooled = model(pixel_values)[..., :HEAD_CHANNELS].mean(dim=1)  # [B, 1280]
+    return torch.nn.functional.linear(pooled, fc_weight.to(pooled.dtype), fc_bias.to(pooled.dtype))  # [B, 1000]
 
 def _perplexity(llm, tokenizer, bos: int) -> float:
     """Over ENGLISH, scoring the same tokens whatever precedes them (the first word is context, never a target)."""
@@ -404,11 +412,11 @@ def test_trainable_only_nano_checkpoint_round_trips_bit_exactly(nano, tmp_path):
                 trained[name] = p.detach().clone()
                 p.add_(torch.randn_like(p) * 0.01)  # as if trained
     try:
-        nano.save_pretrained(tmp_path / "run", trainable_only=True)
+        save_pretrained(nano, tmp_path / "run", trainable_only=True)
         config = json.loads((tmp_path / "run" / "config.json").read_text())
         assert config["base_model"] == "backbones"
         assert (tmp_path / "run" / "model.safetensors").stat().st_size < 20e6  # trainable weights only
-        loaded = TinyGPTV.from_pretrained(tmp_path / "run")
+        loaded = load_pretrained(tmp_path / "run")
         a, b = nano.state_dict(), loaded.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert loaded.llm.lm_head.weight is loaded.llm.model.embed_tokens.weight

@@ -29,12 +29,15 @@ from official_fixtures import (
     write_phi2,
     write_stage_checkpoint,
 )
-from tinygptv.checkpoint.native import CheckpointError, align_lora_names
+from tinygptv.atomic import OutputError
+from tinygptv.checkpoint.native import CheckpointError
+from tinygptv.model.weights import align_lora_names
 from tinygptv.checkpoint.official import LoadedFile, convert_official, plan_loaded, plan_official
 from tinygptv.checkpoint.phi2 import LAYOUT_FUSED, LAYOUT_SPLIT, fuse_qkv, phi2_from_tensors, read_phi2
 from tinygptv.config import LLMConfig, VisionConfig, preset
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.vision.eva_vit import EvaViT, adapt_state_dict
+from tinygptv.checkpoint.native import load_pretrained
 
 HEADS = dict(vit_heads=TINY.vit_heads, qformer_heads=TINY.q_heads)  # the two dims no shape reveals
 
@@ -177,7 +180,7 @@ def test_conversion_is_exact(tmp_path, stage, layout, lora_default, fmt, shards)
     with_qformer = stage == 4
     files = write_official_set(tmp_path, stage=stage, layout=layout, lora_default=lora_default,
                                with_qformer=with_qformer, fmt=fmt, shards=shards)
-    model = TinyGPTV.from_pretrained(_convert(files, tmp_path / "out"))
+    model = load_pretrained(_convert(files, tmp_path / "out"))
     cfg = model.config
     image_size = TINY.image_size * (2 if stage == 4 else 1)  # read from the checkpoint's run config
     assert cfg.lora.r == (0 if stage == 1 else TINY.lora_r)
@@ -206,7 +209,7 @@ def test_conversion_is_exact(tmp_path, stage, layout, lora_default, fmt, shards)
 def test_stage4_without_trained_qformer_keeps_blip2s(tmp_path):
     """The Jan-2024 stage-4 file (frozen Q-Former): the image path comes from BLIP-2, and stage/size args win."""
     files = write_official_set(tmp_path, stage=4, with_qformer=False, with_config=False)
-    model = TinyGPTV.from_pretrained(_convert(files, tmp_path / "out", stage=4, image_size=2 * TINY.image_size))
+    model = load_pretrained(_convert(files, tmp_path / "out", stage=4, image_size=2 * TINY.image_size))
     official = torch.load(files.official, weights_only=True)["model"]
     pixels = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
@@ -271,7 +274,7 @@ def test_stage1_has_no_lora_and_the_report_lists_every_skip(tmp_path):
     # An empty run config tells nothing, so it is listed with the entries never read.
     assert plan.report("TinyGPT-V checkpoint").ignored_entries == ["optimizer", "config", "scaler", "epoch"]
     assert any("image size not recorded" in n for n in plan.notes)
-    model = TinyGPTV.from_pretrained(_convert(files, tmp_path / "out"))
+    model = load_pretrained(_convert(files, tmp_path / "out"))
     assert model.config.lora.r == 0 and model.config.vision.image_size == 224
     assert not any(".lora_" in k for k in model.state_dict())
 
@@ -291,7 +294,7 @@ def test_output_folder_holds_the_phi2_tokenizer_files(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (files.phi2 / name).read_bytes()
     assert json.loads((out / "config.json").read_text())["base_model"] is None
-    model = TinyGPTV.from_pretrained(out)
+    model = load_pretrained(out)
     assert model.tokenize("hi") == [ord("h"), ord("i")]
 
 
@@ -408,7 +411,7 @@ def test_dims_come_from_the_files(tmp_path):
     files = write_official_set(tmp_path, dims, stage=3, layout="split", lora_default=True)
     out = convert_official(files.official, files.phi2, files.eva, files.blip2, tmp_path / "out", quiet=True,
                            vit_heads=3, qformer_heads=2)
-    model = TinyGPTV.from_pretrained(out)
+    model = load_pretrained(out)
     cfg = model.config
     assert (cfg.vision.width, cfg.vision.patch_size, cfg.vision.depth, cfg.vision.mlp_dim,
             cfg.vision.pretrain_image_size) == (24, 4, 3, 40, 12)
@@ -472,7 +475,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="refusing"):
+    with pytest.raises(OutputError, match="notes.txt"):
         _convert(files, out)
     assert (out / "notes.txt").read_text() == "keep me"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tinygptv.model.generation import GenerationSettings
 from tinygptv.serve.chat import ChatSession
 from tinygptv.serve.draw import boxes_in, draw_on
 
@@ -37,7 +38,7 @@ def _browser_paths() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def nano():
-    from tinygptv.serve.loading import load_model
+    from tinygptv.checkpoint.loading import load_model
 
     return load_model(MODEL)
 
@@ -134,7 +135,7 @@ def test_page_asks_what_chat_session_asks(page_url, browser, nano, tmp_path):
     first = _ask(browser, "What color is the shape?")
     second = _ask(browser, "the shape", task="grounding")
 
-    expected = ChatSession(nano, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1)
+    expected = ChatSession(nano, settings=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
     expected.set_image(RED_CIRCLE)
     want = [expected.ask("What color is the shape?"), expected.ask("the shape", task="grounding")]
     assert [first, second] == [" ".join(w.split()) for w in want]
@@ -181,9 +182,8 @@ def test_grounding_answer_is_drawn_and_reset_clears(page_url, browser, monkeypat
 def test_answers_stream_and_beams_answer_at_once(nano, monkeypatch):
     """No browser, the page's generator itself: a piece of the answer reaches the page while ChatSession.ask is still
     running; with beams (which transformers cannot stream) the answer is TinyGPTV.generate's, in one piece."""
-    from tinygptv.data.templates import single_prompt
-    from tinygptv.serve.chat import default_template
-    from tinygptv.serve.loading import image_processor_for
+    from tinygptv.data.image_processor import ImageProcessor
+    from tinygptv.data.templates import inference_template, single_prompt
     from tinygptv.serve.web_demo import DemoBackend
 
     backend = DemoBackend(nano)
@@ -212,8 +212,9 @@ def test_answers_stream_and_beams_answer_at_once(nano, monkeypatch):
     *_, session = backend.on_image(image)
     steps = list(backend.respond(question, "none", 0.0, 0.9, 2, MAX_NEW_TOKENS, image, [], session))
     assert steps[-1][3].startswith("Turn 1 answered")
-    prompt = single_prompt(default_template(nano), question)
-    want = nano.generate(image_processor_for(nano)(image), [prompt], max_new_tokens=MAX_NEW_TOKENS, num_beams=2)[0]
+    prompt = single_prompt(inference_template(nano.config.prompt.template), question)
+    want = nano.generate(ImageProcessor(nano.config.vision)(image), [prompt], max_new_tokens=MAX_NEW_TOKENS,
+                         num_beams=2)[0]
     shown = {step[0][-1]["content"] for step in steps if step[0] and step[0][-1]["role"] == "assistant"}
     assert shown - {""} == {html.escape(want, quote=False)}  # the whole answer at once, never a part of it
 

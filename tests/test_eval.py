@@ -11,13 +11,18 @@ import torch
 
 import eval_fixtures as fx
 from conftest import tiny_model
-from tinygptv.eval import (
-    BENCHMARKS, auroc, config_sha256, default_template, iou, load_predictions, normalize_answer, official_iou,
-    official_vqa_accuracy, parse_box, run_eval, score_file, vqa_accuracy,
-)
+from tinygptv.eval import BENCHMARKS
+from tinygptv.eval.hm import auroc
+from tinygptv.eval.refcoco import iou, official_iou, parse_box
+from tinygptv.eval.scoring import load_predictions, score_file
+from tinygptv.eval.vqa_normalize import normalize_answer, official_vqa_accuracy, vqa_accuracy
 from tinygptv.eval.cli import add_eval_parser
 from tinygptv.eval.prompts import PROMPTS
-from tinygptv.eval.runner import Runner, candidate_losses, generate_shared_prefix, template_for, yes_probability
+from tinygptv.eval.runner import (
+    Runner, candidate_losses, config_sha256, default_template, generate_shared_prefix, run_eval, template_for,
+    yes_probability,
+)
+from tinygptv.model.generation import GenerationSettings
 
 ALL = ("gqa", "vsr", "iconqa", "vizwiz", "hm", "okvqa", "refcoco", "refcoco+", "refcocog", "easyvqa")
 
@@ -223,13 +228,12 @@ def test_shared_prefix_generation_equals_plain_generation(monkeypatch):
     runner = Runner(model, bench, template="eval", batch_size=12, max_new_tokens=6)
     embeds = runner.images([it.image for it in items])
     prompts = [runner.prompt(it) for it in items]
-    plain = model.generate(None, prompts, image_embeds=embeds, max_new_tokens=6, stop_strings=runner.stop_strings)
-    shared = generate_shared_prefix(model, prompts, embeds, [it.image for it in items], max_new_tokens=6,
-                                    stop_strings=runner.stop_strings)
+    plain = model.generate(None, prompts, image_embeds=embeds, settings=runner.settings)
+    shared = generate_shared_prefix(model, prompts, embeds, [it.image for it in items], runner.settings)
     assert len({it.image for it in items}) > 1 and shared == plain
     # prompts that differ before the image cannot share: the caller falls back to model.generate
     other = [prompts[0], prompts[1].replace("###Human", "###User")]
-    assert generate_shared_prefix(model, other, embeds[:2], ["a", "b"], max_new_tokens=2, stop_strings=[]) is None
+    assert generate_shared_prefix(model, other, embeds[:2], ["a", "b"], GenerationSettings(max_new_tokens=2)) is None
     # the runner uses the shared path and gives the same records as with it switched off
     fast = Runner(model, bench, template="eval", batch_size=12, max_new_tokens=6).predict(items)
     slow = Runner(model, bench, template="eval", batch_size=12, max_new_tokens=6, share_prefix=False).predict(items)
@@ -324,7 +328,7 @@ def test_resume_cuts_a_half_written_line_and_refuses_other_settings(tmp_path, mo
 
 @pytest.fixture(scope="module")
 def nano():
-    from tinygptv.serve.loading import load_model
+    from tinygptv.checkpoint.loading import load_model
 
     return load_model("tinygptv-nano")
 

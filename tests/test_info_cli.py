@@ -12,6 +12,8 @@ from tinygptv.config import preset
 from tinygptv.info import parameter_counts
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.serve.chat import ChatSession, run_chat
+from tinygptv.checkpoint.native import load_pretrained
+from tinygptv.model.generation import GenerationSettings
 
 
 @pytest.mark.parametrize("name, lora, trainable", [
@@ -62,7 +64,8 @@ def test_ask_reports_bad_input(tmp_path, capsys, args, message):
 
 
 def test_chat_turns_image_switch_and_reset(trained_dir, colour_images):
-    session = ChatSession(TinyGPTV.from_pretrained(trained_dir), template="stage3", max_new_tokens=10)
+    session = ChatSession(load_pretrained(trained_dir), template="stage3",
+                          settings=GenerationSettings(max_new_tokens=10))
     script = io.StringIO(f"/image {colour_images['red']}\nwhat colour is it?\n/image {colour_images['blue']}\n"
                          "what colour is it?\n/image /no/such.png\n/reset\n/quit\n")
     out = io.StringIO()
@@ -75,7 +78,8 @@ def test_chat_turns_image_switch_and_reset(trained_dir, colour_images):
 
 
 def test_chat_keeps_the_conversation_and_the_image_embeddings(trained_dir, colour_images):
-    session = ChatSession(TinyGPTV.from_pretrained(trained_dir), template="stage3", max_new_tokens=10)
+    session = ChatSession(load_pretrained(trained_dir), template="stage3",
+                          settings=GenerationSettings(max_new_tokens=10))
     session.set_image(colour_images["red"])
     cached = session.image_embeds
     assert session.ask("what colour is it?") == "red"

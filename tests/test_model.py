@@ -10,6 +10,7 @@ import torch
 from tinygptv.config import TinyGPTVConfig, preset
 from tinygptv.data.templates import single_prompt
 from tinygptv.model.tinygptv import IGNORE_INDEX, TinyGPTV
+from tinygptv.checkpoint.native import load_pretrained
 
 
 def _images(model, n=1, seed=0):
@@ -113,18 +114,18 @@ def test_seeded_sampling_is_reproducible(model):
     runs = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
-        runs.append(model.generate(pixels, prompt, max_new_tokens=8, do_sample=True, temperature=1.5,
+        runs.append(model.generate(pixels, prompt, max_new_tokens=8, temperature=1.5,
                                    stop_strings=[]))
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
 
-@pytest.mark.parametrize("settings", [dict(num_beams=3), dict(do_sample=True, temperature=0.2, top_p=0.9),
+@pytest.mark.parametrize("settings", [dict(num_beams=3), dict(temperature=0.2, top_p=0.9),
                                       dict(repetition_penalty=1.05)])
 def test_beam_search_and_sampling_stop_at_the_end_symbol(trained_dir, colour_images, settings):
     from tinygptv.data.image_processor import ImageProcessor
 
-    model = TinyGPTV.from_pretrained(trained_dir)
+    model = load_pretrained(trained_dir)
     pixels = ImageProcessor(model.config.vision)([colour_images["red"], colour_images["blue"]])
     prompt = single_prompt("stage3", "what colour is it?")
     torch.manual_seed(0)
@@ -134,7 +135,7 @@ def test_beam_search_and_sampling_stop_at_the_end_symbol(trained_dir, colour_ima
 def test_stop_string_ends_the_answer(trained_dir, colour_images):
     from tinygptv.data.image_processor import ImageProcessor
 
-    model = TinyGPTV.from_pretrained(trained_dir)
+    model = load_pretrained(trained_dir)
     pixels = ImageProcessor(model.config.vision)([colour_images["red"], colour_images["blue"]])
     prompt = single_prompt("stage3", "what colour is it?")
     assert model.generate(pixels, [prompt, prompt], max_new_tokens=20) == ["red", "blue"]
@@ -145,13 +146,14 @@ def test_stop_string_ends_the_answer(trained_dir, colour_images):
 
 def test_streaming_pieces_join_to_the_answer(trained_dir, colour_images):
     from tinygptv.data.image_processor import ImageProcessor
+    from tinygptv.model.generation import GenerationSettings
     from tinygptv.model.streaming import stream_generate
 
-    model = TinyGPTV.from_pretrained(trained_dir)
+    model = load_pretrained(trained_dir)
     pixels = ImageProcessor(model.config.vision)(colour_images["blue"])
     prompt = single_prompt("stage3", "what colour is it?")
     seen = []
-    pieces = list(stream_generate(model, pixels, prompt, max_new_tokens=20, on_text=seen.append))
+    pieces = list(stream_generate(model, pixels, prompt, GenerationSettings(max_new_tokens=20), on_text=seen.append))
     assert "".join(pieces) == "blue"
     assert seen == pieces
 

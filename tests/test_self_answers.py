@@ -10,7 +10,7 @@ import pytest
 from tinygptv.atomic import write_json_atomic
 from tinygptv.data.datasets.llava import LlavaJson
 from tinygptv.data.templates import single_prompt
-from tinygptv.serve.loading import load_model
+from tinygptv.checkpoint.loading import load_model
 from tinygptv.train import self_answers
 from tinygptv.train.self_answers import chat_prompts, keep_answer
 

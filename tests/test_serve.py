@@ -19,8 +19,9 @@ import uvicorn
 from PIL import Image
 
 from tinygptv.data.templates import single_prompt
+from tinygptv.model.generation import GenerationSettings
 from tinygptv.serve.chat import ChatSession
-from tinygptv.serve.loading import load_model
+from tinygptv.checkpoint.loading import load_model
 from tinygptv.serve.openai_schema import ChatRequest, build_prompt
 from tinygptv.serve.serve_cli import add_serve_parser, app_from_args
 from tinygptv.serve.worker import GenerationWorker, Job, QueueFull
@@ -55,10 +56,10 @@ def nano():
 @pytest.fixture(scope="module")
 def reference(nano):
     """Greedy answers of `tinygptv chat` (ChatSession) for the questions the tests send."""
-    session = ChatSession(nano, max_new_tokens=TOKENS)
+    session = ChatSession(nano, settings=GenerationSettings(max_new_tokens=TOKENS))
     session.set_image(str(IMAGE))
     first, follow_up = session.ask(QUESTION), session.ask(FOLLOW_UP)
-    text_only = ChatSession(nano, max_new_tokens=TOKENS).ask(TEXT_QUESTION)
+    text_only = ChatSession(nano, settings=GenerationSettings(max_new_tokens=TOKENS)).ask(TEXT_QUESTION)
     return SimpleNamespace(first=first, follow_up=follow_up, text_only=text_only, image_embeds=session.image_embeds)
 
 
@@ -184,8 +185,7 @@ def test_worker_batches_waiting_requests_without_changing_answers(nano, referenc
     from tinygptv.data.image_processor import ImageProcessor
 
     pixels = ImageProcessor(nano.config.vision)(str(IMAGE))
-    settings = dict(max_new_tokens=TOKENS, do_sample=False, temperature=1.0, top_p=0.9, num_beams=1,
-                    repetition_penalty=1.0, stop_strings=[nano.config.prompt.end_sym])
+    settings = GenerationSettings(max_new_tokens=TOKENS, stop_strings=[nano.config.prompt.end_sym])
     results: dict[int, str] = {}
     done = threading.Semaphore(0)
 
@@ -197,9 +197,10 @@ def test_worker_batches_waiting_requests_without_changing_answers(nano, referenc
                    settings, on_done=finish, on_error=lambda e: (results.__setitem__(i, repr(e)), done.release()))
 
     worker = GenerationWorker(nano, max_queue=3, max_batch=4)
-    encoded = []
-    worker.model = SimpleNamespace(**{name: getattr(nano, name) for name in ("generate", "tokenize", "config")},
-                                   encode_image=lambda px: encoded.append(px) or nano.encode_image(px))
+    encoded, batches = [], []
+    worker.model = SimpleNamespace(**{name: getattr(nano, name) for name in ("tokenize", "config")},
+                                   encode_image=lambda px: encoded.append(px) or nano.encode_image(px),
+                                   generate=lambda *a, **k: batches.append(len(a[1])) or nano.generate(*a, **k))
     worker.submit(job(0, QUESTION, True))
     worker.submit(job(1, TEXT_QUESTION, False))
     worker.submit(job(2, "Describe the image in detail, please.", True))
@@ -211,9 +212,9 @@ def test_worker_batches_waiting_requests_without_changing_answers(nano, referenc
             assert done.acquire(timeout=120)
     finally:
         worker.stop(timeout=60)
-    assert worker.stats.largest_batch == 3 and worker.stats.batches == 1
+    assert batches == [3]  # one generate() call for the three waiting jobs
     assert len(encoded) == 1  # jobs 0 and 2 send the same image: encoded once, then taken from the cache
-    alone = ChatSession(nano, max_new_tokens=TOKENS)
+    alone = ChatSession(nano, settings=GenerationSettings(max_new_tokens=TOKENS))
     alone.set_image(str(IMAGE))
     assert results == {0: reference.first, 1: reference.text_only,
                        2: alone.ask("Describe the image in detail, please.")}

@@ -23,6 +23,7 @@ from tinygptv.train.plan import plan_memory
 from tinygptv.train.recipe import Recipe, Schedule, Tune, load_recipe
 from tinygptv.train.schedule import learning_rate
 from tinygptv.train.tune import apply_tune, build_optimizer
+from tinygptv.checkpoint.native import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -40,7 +41,7 @@ def test_tiny_recipe_trains_and_the_loss_drops(tmp_path):
     losses = [loss for _, loss in summary["losses"]]
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
-    final = TinyGPTV.from_pretrained(tmp_path / "run" / "final")
+    final = load_pretrained(tmp_path / "run" / "final")
     trained = trainer.model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in final.state_dict().items())
     # the final folder holds only what trained and names its base relative to itself
@@ -66,7 +67,7 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path):
 
 def whole_model_params(run_root: Path) -> dict:
     latest = list_checkpoints(run_root / "run")[-1]
-    return dict(TinyGPTV.from_pretrained(latest / "model").state_dict())
+    return dict(load_pretrained(latest / "model").state_dict())
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
@@ -215,7 +216,7 @@ def test_ddp_with_two_processes_matches_one_process(tmp_path):
                "-m", "tinygptv.cli", "train", str(TINY), f"output_dir={tmp_path / name}", *common]
         run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
-    one = TinyGPTV.from_pretrained(tmp_path / "one" / "final").state_dict()
-    two = TinyGPTV.from_pretrained(tmp_path / "two" / "final").state_dict()
+    one = load_pretrained(tmp_path / "one" / "final").state_dict()
+    two = load_pretrained(tmp_path / "two" / "final").state_dict()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-4, f"largest weight difference {worst}"

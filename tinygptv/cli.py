@@ -1,51 +1,64 @@
-# The `tinygptv` command: one subcommand per way of using the data path (ask/chat run it, info describes it,
-# convert fills it with the official weights). Each subcommand's --help says what it does and how.
+# The `tinygptv` command: wires one subcommand per way of using the data path (ask/chat run it, info describes it,
+# convert fills it, train/eval/serve/demo/quantize/bench use it) and turns user errors into one-line messages.
+# Parsers import nothing heavy; each command imports what it needs, so `tinygptv --help` answers at once.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from tinygptv.data.templates import TASK_TAGS, TEMPLATES
+from tinygptv.bench.cli import add_bench_parser
+from tinygptv.cli_options import add_model_args, generation_settings, load_for_args
+from tinygptv.config import PRESETS
+from tinygptv.eval.cli import add_eval_parser
+from tinygptv.quant.cli import add_quantize_parser
+from tinygptv.serve.demo_cli import add_demo_parser
+from tinygptv.serve.serve_cli import add_serve_parser
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from tinygptv.serve.loading import DEFAULT_MODEL, add_precision_args
-
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a model folder in our format, a Hugging Face Hub id, or a preset name (random weights); "
-                        f"default: {DEFAULT_MODEL}")
-    add_precision_args(p)
-    p.add_argument("--template", choices=TEMPLATES.names(), default=None,
-                   help="prompt template (default: the one the model was trained with)")
-    p.add_argument("--task", choices=TASK_TAGS, default=None, help="prepend a stage-4 task tag such as [vqa]")
-    p.add_argument("--max-new-tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default: greedy)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold when sampling")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = no beam search)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+DEBUG_ENV = "TINYGPTV_DEBUG"  # set to 1 for a full traceback instead of the one-line error
 
 
-def _generate_kwargs(args) -> dict:
-    sampling = args.temperature is not None
-    return dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=sampling,
-        temperature=args.temperature if sampling else 1.0,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-    )
+def examples(*lines: str) -> str:
+    """The epilog of a subcommand's --help: one or two commands to copy."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
+
+def subcommand(sub, name: str, help: str, description: str, *example_lines: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=examples(*example_lines),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def versions() -> str:
+    parts = []
+    for name in ("tinygptv", "torch", "transformers"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    return ", ".join(parts) + f", python {sys.version.split()[0]}"
+
+
+# --- commands --------------------------------------------------------------------------------------------------------
 
 def _session(args):
     from tinygptv.serve.chat import ChatSession
-    from tinygptv.serve.loading import load_for_args
 
-    return ChatSession(load_for_args(args), template=args.template, **_generate_kwargs(args))
+    settings = generation_settings(args)  # checked before the model loads: a bad flag fails at once
+    return ChatSession(load_for_args(args), template=args.template, settings=settings)
+
+
+def _check_image(path: str) -> None:
+    """Fail before loading a model, with the file's name, when the image cannot be used."""
+    from tinygptv.data.image_processor import open_image
+
+    open_image(path)
 
 
 def cmd_ask(args) -> int:
+    if args.draw and args.image is None:
+        raise ValueError("--draw needs --image")
     if args.image is not None:
         _check_image(args.image)
     session = _session(args)
@@ -58,8 +71,6 @@ def cmd_ask(args) -> int:
         answer = session.ask(args.question, task=args.task, on_text=lambda t: print(t, end="", flush=True))
         print()
     if args.draw:
-        if args.image is None:
-            raise ValueError("--draw needs --image")
         from tinygptv.serve.draw import draw_boxes
 
         drawn = draw_boxes(args.image, answer, args.draw)
@@ -79,14 +90,9 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _check_image(path: str) -> None:
-    """Fail before loading a model, with the file's name, when the image cannot be used."""
-    from tinygptv.data.image_processor import open_image
-
-    open_image(path)
-
-
 def cmd_info(args) -> int:
+    import json
+
     from tinygptv.config import TinyGPTVConfig, preset
     from tinygptv.info import format_counts, parameter_counts
 
@@ -98,10 +104,7 @@ def cmd_info(args) -> int:
         config = TinyGPTVConfig.load(resolve_model_dir(args.model) / "config.json")
     info = parameter_counts(config)
     info["config"] = config.to_dict()
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(format_counts(info))
+    print(json.dumps(info, indent=2) if args.json else format_counts(info))
     return 0
 
 
@@ -110,7 +113,7 @@ def cmd_convert(args) -> int:
 
     convert_official(
         args.official_ckpt, args.phi2, args.eva, args.blip2, args.out,
-        stage=args.stage, image_size=args.image_size,
+        stage=args.stage, image_size=args.image_size, overwrite=args.overwrite,
     )
     print(f"wrote {args.out}")
     return 0
@@ -121,6 +124,8 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
+        import json
+
         from tinygptv.train.plan import format_plan, plan_memory
 
         plan = plan_memory(recipe)
@@ -134,107 +139,120 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tinygptv.model.tinygptv import TinyGPTV
+    from tinygptv.checkpoint.native import keep_differing, load_pretrained, save_pretrained
+    from tinygptv.checkpoint.loading import resolve_name
 
-    model = TinyGPTV.from_pretrained(args.model)
+    model = load_pretrained(resolve_name(args.model))
     if args.merge_lora:
         model.merge_lora()
     if args.overlay_on:
-        from tinygptv.checkpoint.native import keep_differing
-
         kept = keep_differing(model, args.overlay_on)
-        model.save_pretrained(args.out, trainable_only=True, base_model=args.overlay_on)
+        save_pretrained(model, args.out, trainable_only=True, base_model=args.overlay_on, overwrite=args.overwrite)
         print(f"wrote {args.out}: {kept:,} parameters that differ from {args.overlay_on}")
         return 0
-    model.save_pretrained(args.out)
+    save_pretrained(model, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} (self-contained{', LoRA merged' if args.merge_lora else ''})")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tinygptv.config import PRESETS
+# --- the parser ------------------------------------------------------------------------------------------------------
 
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinygptv",
         description="TinyGPT-V: a small multimodal LLM (EVA ViT-g + Q-Former + Phi-2) that runs on a CPU.",
+        epilog=examples('tinygptv ask --image examples/red_circle.png --task vqa "What color is the shape?"',
+                        "tinygptv COMMAND --help"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=versions())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("ask", help="answer one question about an image",
-                       description="Answer one question about an image and print the answer as it is generated.")
-    p.add_argument("question")
+    p = subcommand(sub, "ask", "answer one question about an image",
+                   "Answer one question about an image and print the answer as it is generated.",
+                   'tinygptv ask --image examples/red_circle.png --task vqa "What color is the shape?"',
+                   'tinygptv ask --image scene.png --task grounding "Describe the image." --draw boxes.png')
+    p.add_argument("question", help="the question (in quotes)")
     p.add_argument("--image", help="image file (PNG, JPEG, ...); without it the question is text-only")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
     p.add_argument("--draw", metavar="OUT.png", help="draw the boxes of a grounding answer ({<x1><y1><x2><y2>}, "
                                                       "with <p>phrase</p> labels) onto the image and save it")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("chat", help="multi-turn conversation about an image",
-                       description="Interactive chat. Type a question; /image PATH loads another image (and starts "
-                                   "a new conversation), /reset forgets the conversation, /quit ends.")
+    p = subcommand(sub, "chat", "multi-turn conversation about an image",
+                   "Interactive chat. Type a question; /image PATH loads another image (and starts a new "
+                   "conversation), /reset forgets the conversation, /quit ends.",
+                   "tinygptv chat --image examples/red_circle.png --task vqa")
     p.add_argument("--image", help="image to start with")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("info", help="parameter counts per component",
-                       description="Parameter counts per component, computed without allocating the weights.")
+    p = subcommand(sub, "info", "parameter counts per component",
+                   "Parameter counts per component, computed without allocating the weights.",
+                   "tinygptv info --preset tinygptv-stage4", "tinygptv info --model tinygptv-nano --json")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=PRESETS.names())
+    src.add_argument("--preset", choices=PRESETS.names(), help="a preset configuration")
     src.add_argument("--model", help="a model folder or Hub id (reads its config.json only)")
     p.add_argument("--json", action="store_true", help="print JSON (with the full config)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser(
-        "convert", help="convert the official TinyGPT-V release into our format",
-        description="Build our model folder from an official TinyGPT-V_for_StageN.pth, a Phi-2 folder (the "
-                    "transformers-4.36 layout or today's microsoft/phi-2), LAVIS eva_vit_g.pth and "
-                    "blip2_pretrained_flant5xxl.pth. Every tensor of every file is used or reported as skipped on "
-                    "purpose; anything else is an error that names it.")
-    p.add_argument("--official-ckpt", required=True, type=Path)
+    p = subcommand(
+        sub, "convert", "convert the official TinyGPT-V release into our format",
+        "Build our model folder from an official TinyGPT-V_for_StageN.pth, a Phi-2 folder (the transformers-4.36 "
+        "layout or today's microsoft/phi-2), LAVIS eva_vit_g.pth and blip2_pretrained_flant5xxl.pth. Every tensor "
+        "of every file is used or reported as skipped on purpose; anything else is an error that names it.",
+        "tinygptv convert --official-ckpt TinyGPT-V_for_Stage3.pth --phi2 phi-2/ --eva eva_vit_g.pth "
+        "--blip2 blip2_pretrained_flant5xxl.pth --out models/tinygptv-stage3")
+    p.add_argument("--official-ckpt", required=True, type=Path, metavar="PTH",
+                   help="the official checkpoint, TinyGPT-V_for_Stage{1,2,3,4}.pth")
     p.add_argument("--phi2", required=True, type=Path, help="Phi-2 folder (config.json, weights, tokenizer)")
-    p.add_argument("--eva", required=True, type=Path, help="eva_vit_g.pth")
-    p.add_argument("--blip2", required=True, type=Path, help="blip2_pretrained_flant5xxl.pth")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--eva", required=True, type=Path, help="EVA-CLIP ViT-g weights, eva_vit_g.pth")
+    p.add_argument("--blip2", required=True, type=Path, help="BLIP-2 weights, blip2_pretrained_flant5xxl.pth")
+    p.add_argument("--out", required=True, type=Path, help="output model folder (created or replaced)")
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="which stage the checkpoint is (sets image size "
                                                                   "and template; read from the file when possible)")
     p.add_argument("--image-size", type=int, help="override the image size (224 for stages 1-3, 448 for stage 4)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds files convert did not write (they are kept)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser(
-        "train", help="train a stage from a recipe file",
-        description="Train from a recipe (configs/*.yaml): the model to start from, datasets and sample ratios, "
-                    "schedule, and which components train. Overrides are key.path=value (e.g. "
-                    "schedule.init_lr=3e-5 datasets.0.batch_size=2). Checkpoints go to output_dir; an interrupted "
-                    "run continues from its last checkpoint. Under torchrun the same command trains with DDP.")
-    p.add_argument("recipe", type=Path)
+    p = subcommand(
+        sub, "train", "train a stage from a recipe file",
+        "Train from a recipe (configs/*.yaml): the model to start from, datasets and sample ratios, schedule, and "
+        "which components train. Overrides are key.path=value (e.g. schedule.init_lr=3e-5 "
+        "datasets.0.batch_size=2). Checkpoints go to output_dir; an interrupted run continues from its last "
+        "checkpoint. Under torchrun the same command trains with DDP.",
+        "tinygptv train configs/finetune_nano.yaml --dry-run",
+        "tinygptv train configs/finetune_nano.yaml schedule.iters_per_epoch=20")
+    p.add_argument("recipe", type=Path, help="recipe file (YAML)")
     p.add_argument("overrides", nargs="*", help="key.path=value changes to the recipe")
     p.add_argument("--dry-run", action="store_true", help="print the expected GPU memory and exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
-    p.add_argument("--card-gb", type=float, default=24.0, help="with --dry-run: GPU size to compare against")
+    p.add_argument("--card-gb", type=float, default=24.0, help="with --dry-run: GPU size to compare against "
+                                                               "(default: 24)")
     p.add_argument("--resume", default="auto",
-                   help="'auto' (last checkpoint in output_dir, if any), a checkpoint folder, or 'none'")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps")
+                   help="'auto' (default: the last checkpoint in output_dir, if any), a checkpoint folder, or 'none'")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps (default: run to "
+                                                               "the recipe's end)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
-        "export", help="write a self-contained copy of a model, optionally with LoRA merged",
-        description="Resolve a model folder (a training checkpoint that stores only its trained weights, a folder "
-                    "of ours, a Hub id) into one self-contained folder. --merge-lora folds the LoRA deltas into the "
-                    "LLM weights: the same answers, no adapter at inference.")
-    p.add_argument("model")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--merge-lora", action="store_true")
+    p = subcommand(
+        sub, "export", "write a self-contained copy of a model, optionally with LoRA merged",
+        "Resolve a model folder (a training checkpoint that stores only its trained weights, a folder of ours, a "
+        "Hub id) into one self-contained folder. --merge-lora folds the LoRA deltas into the LLM weights: the same "
+        "answers, no adapter at inference.",
+        "tinygptv export runs/finetune_nano/final --out models/my-model --merge-lora")
+    p.add_argument("model", help="a model folder of ours, a training checkpoint's model folder, or a Hub id")
+    p.add_argument("--out", required=True, type=Path, help="output model folder (created or replaced)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="fold LoRA into the LLM weights (the same answers, no adapter at inference)")
     p.add_argument("--overlay-on", metavar="BASE",
                    help="store only the weights that differ from BASE (a folder, a Hub id, or 'backbones' for the "
                         "packages the nano model is built from) and record BASE as the folder's base")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds files export did not write (they are kept)")
     p.set_defaults(func=cmd_export)
-
-    from tinygptv.bench.cli import add_bench_parser
-    from tinygptv.eval.cli import add_eval_parser
-    from tinygptv.quant.cli import add_quantize_parser
-    from tinygptv.serve.demo_cli import add_demo_parser
-    from tinygptv.serve.serve_cli import add_serve_parser
 
     add_eval_parser(sub)
     add_serve_parser(sub)
@@ -249,11 +267,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        print(f"\ntinygptv {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"tinygptv {args.command}: error: {message}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as e:  # a user's input or environment: one line, not a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"tinygptv {args.command}: error: {error_message(e)}", file=sys.stderr)
         return 2
+
+
+def error_message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
 
 
 if __name__ == "__main__":

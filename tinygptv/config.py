@@ -10,6 +10,7 @@ from typing import Any
 
 from tinygptv.registry import Registry
 
+DEFAULT_MODEL = "tinygptv-nano"  # the model every inference command uses without --model: bundled with the package
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -7,6 +7,7 @@ import torch
 from tinygptv.config import TinyGPTVConfig
 from tinygptv.model.llm import LLM_ADAPTERS
 from tinygptv.model.lora import is_lora_param
+from tinygptv.model.tinygptv import TinyGPTV
 
 
 def component_of(name: str, added_norms: tuple[str, ...]) -> str:
@@ -26,8 +27,6 @@ def component_of(name: str, added_norms: tuple[str, ...]) -> str:
 
 
 def parameter_counts(config: TinyGPTVConfig) -> dict:
-    from tinygptv.model.tinygptv import TinyGPTV
-
     with torch.device("meta"):
         model = TinyGPTV(config)
     added = LLM_ADAPTERS[config.llm.name].added_norms

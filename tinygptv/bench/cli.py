@@ -1,24 +1,22 @@
-# `tinygptv bench`: its arguments and the command itself. tinygptv/cli.py registers it with add_bench_parser(sub);
-# `python -m tinygptv.bench.cli ...` runs it alone. Flow: arguments -> runner.py jobs -> report.py table + JSON.
+# `tinygptv bench`: its arguments and the command itself; tinygptv/cli.py registers it with add_bench_parser(sub).
+# Flow: arguments -> runner.py jobs (one process each) -> report.py table + JSON.
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from tinygptv.atomic import write_json_atomic
+from tinygptv.config import PRESETS
+from tinygptv.quant.modes import QUANT_MODES, modes_for
+
 DEFAULT_PRESET = "tinygptv-stage3"
-
-
-def quant_modes() -> tuple[str, ...]:
-    """The precisions load_model accepts; imported only when bench runs (it imports torch)."""
-    from tinygptv.quant import QUANT_MODES
-
-    return tuple(QUANT_MODES)
+DEFAULT_OUT = Path("runs") / "bench" / "bench-results.json"
 
 
 def quant_list(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    known = quant_modes()
+    known = QUANT_MODES
     unknown = [m for m in modes if m not in known]
     if unknown or not modes:
         raise argparse.ArgumentTypeError(f"unknown quant mode(s) {unknown or [text]}; known: {','.join(known)}")
@@ -39,8 +37,6 @@ def _at_least(low: int):
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add `bench` to the main parser's sub-parsers."""
-    from tinygptv.config import PRESETS
-
     p = subparsers.add_parser(
         "bench", help="measure encode, prefill, decode, end-to-end time and peak memory per precision",
         description="For a preset (random weights: nothing to download) or a checkpoint, and each precision, measure "
@@ -55,9 +51,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--preset", choices=PRESETS.names(),
                      help=f"a preset with random weights (default: {DEFAULT_PRESET}, the full-size model)")
     p.add_argument("--quant", type=quant_list, default=None,
-                   help="comma-separated precisions from tinygptv.quant.QUANT_MODES (none = fp32 as saved, bf16, "
-                        "int8, int4, ..., bnb-int8, bnb-nf4; default: the modes for --device: PyTorch's int8 / int4 / "
-                        "int8-dynamic kernels on the CPU, bitsandbytes on CUDA)")
+                   help=f"comma-separated precisions, from {', '.join(QUANT_MODES)} (none = fp32 as saved; "
+                        "default: the modes for --device: PyTorch's int8 / int4 / int8-dynamic kernels on the CPU, "
+                        "bitsandbytes on CUDA)")
     p.add_argument("--image-size", type=_at_least(1), default=None,
                    help="image size in px (presets only; default: the model's)")
     p.add_argument("--image", help="encode this image file instead of random pixels (same speed, real input)")
@@ -69,8 +65,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_at_least(1), default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the stock transformers fp32 eager reference (default: yes)")
-    p.add_argument("--out", type=Path, default=Path("bench-results.json"),
-                   help="JSON results file (default bench-results.json)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"JSON results file (default: {DEFAULT_OUT})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--bandwidth-gib", type=float, default=1.0,
                    help="size of the buffer the bandwidth is measured over (default 1 GiB)")
@@ -81,10 +77,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def settings_from_args(args):
     from tinygptv.bench.runner import Settings
+    from tinygptv.data.image_processor import open_image
 
     if args.image is not None:
-        from tinygptv.data.image_processor import open_image
-
         open_image(args.image)  # fail now, with the file's name, not once per job
     if args.device == "cuda":
         import torch
@@ -93,8 +88,6 @@ def settings_from_args(args):
             raise ValueError("--device cuda, but torch sees no CUDA device")
     if args.bandwidth_gib <= 0:
         raise ValueError("--bandwidth-gib must be positive")
-    from tinygptv.quant import modes_for
-
     return Settings(
         model=args.model or args.preset or DEFAULT_PRESET, quant=args.quant or list(modes_for(args.device)),
         image_size=args.image_size, image=args.image, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -106,7 +99,6 @@ def settings_from_args(args):
 def cmd_bench(args) -> int:
     """Exit status 0 when every job produced its row, 1 when one failed (its row says why); the table and the JSON
     are written either way."""
-    from tinygptv.atomic import write_json_atomic
     from tinygptv.bench.report import assemble, format_table
     from tinygptv.bench.runner import plan_jobs, run_jobs
 
@@ -123,20 +115,3 @@ def cmd_bench(args) -> int:
     print(format_table(result))
     log(f"bench: wrote {args.out}")
     return 0 if all(r.get("ok") for r in rows) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinygptv")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (FileNotFoundError, ValueError) as e:
-        print(f"tinygptv bench: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

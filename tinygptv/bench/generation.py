@@ -7,6 +7,7 @@ from typing import Callable
 
 from tinygptv.bench.timing import TokenTimer, median, sync
 from tinygptv.config import LLMConfig
+from tinygptv.model.generation import GenerationSettings
 
 WARMUP_TOKENS = 4  # a warm-up answer only needs to touch every kernel once, not to decode the full length
 
@@ -15,11 +16,8 @@ def fixed_length_kwargs(llm: LLMConfig, new_tokens: int) -> dict:
     """Greedy decoding of exactly `new_tokens`: min_new_tokens masks EOS until then, so random weights cannot end an
     answer early and every mode decodes the same number of steps. Stop strings are left out on purpose (they would
     still stop early); `ask` checks them once per step, a cost far below a decode step."""
-    return dict(
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-        temperature=None, top_p=None, top_k=None,
-        pad_token_id=llm.pad_token_id, eos_token_id=llm.eos_token_id, bos_token_id=llm.bos_token_id,
-    )
+    settings = GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens, stop_strings=())
+    return settings.generate_kwargs(llm, tokenizer=None, end_sym="")
 
 
 def time_answers(answer: Callable[[int, TokenTimer], object], *, new_tokens: int, warmup: int, repeats: int,

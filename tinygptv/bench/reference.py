@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import time
 
 import torch
+import transformers
 from torch import nn
 
 from tinygptv.bench.cost import encode_flops
@@ -18,7 +18,10 @@ from tinygptv.bench.workload import (
     WEIGHT_BYTES_SOURCE, common_row, image_pixels, logits_to_keep, model_config, prefill_length, time_encode,
 )
 from tinygptv.config import LLMConfig, TinyGPTVConfig
-from tinygptv.quant import weight_bytes_per_token
+from tinygptv.model.llm.llama import llama_config
+from tinygptv.model.llm.phi import phi_config
+from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.quant.apply import weight_bytes_per_token
 
 # LLM family -> the stock transformers class that runs it.
 STOCK_LLMS = {"phi": "PhiForCausalLM", "llama": "LlamaForCausalLM"}
@@ -27,11 +30,6 @@ STOCK_LLMS = {"phi": "PhiForCausalLM", "llama": "LlamaForCausalLM"}
 def stock_llm(cfg: LLMConfig) -> nn.Module:
     """The stock class, configured from the same LLMConfig as our model (so the sizes cannot drift apart), with the
     TinyGPT-V Q/K LayerNorm switched off (Phi-2 has none; Llama ignores the field) and eager attention."""
-    import transformers
-
-    from tinygptv.model.llm.llama import llama_config
-    from tinygptv.model.llm.phi import phi_config
-
     if cfg.name not in STOCK_LLMS:
         raise ValueError(f"no stock reference for LLM {cfg.name!r}; known: {sorted(STOCK_LLMS)}")
     to_config = {"phi": phi_config, "llama": llama_config}[cfg.name]
@@ -43,8 +41,6 @@ def stock_llm(cfg: LLMConfig) -> nn.Module:
 def encoder_only(config: TinyGPTVConfig):
     """A TinyGPTV whose LLM is shrunk to nothing (no layers, a one-row vocabulary, no LoRA), in fp32: its
     encode_image is exactly the model's, and it costs no LLM memory next to the stock LLM."""
-    from tinygptv.model.tinygptv import TinyGPTV
-
     config = copy.deepcopy(config)
     config.llm = dataclasses.replace(config.llm, num_layers=0, vocab_size=1, bos_token_id=0, eos_token_id=0,
                                      pad_token_id=0, pretrained=None)
@@ -56,7 +52,6 @@ def measure_reference(spec: dict, log) -> dict:
     device = torch.device(spec["device"])
     warmup, repeats, new_tokens = spec["warmup"], spec["repeats"], spec["new_tokens"]
     config = model_config(spec)
-    importlib.import_module("transformers")  # import time of the library is not the model's build time
 
     log(f"building the stock {STOCK_LLMS.get(config.llm.name, config.llm.name)} (eager, fp32) and the fp32 encoder")
     start = time.perf_counter()

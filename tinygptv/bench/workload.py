@@ -11,11 +11,14 @@ import torch
 from tinygptv.bench.cost import encode_flops
 from tinygptv.bench.generation import fixed_length_kwargs, time_answers
 from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
+from tinygptv.checkpoint.hub import resolve_model_dir
+from tinygptv.checkpoint.loading import load_model, resolve_name
 from tinygptv.config import PRESETS, TinyGPTVConfig, preset
+from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import IMAGE_PLACEHOLDER
-from tinygptv.quant import weight_bytes_per_token
+from tinygptv.quant.apply import weight_bytes_per_token
 
-WEIGHT_BYTES_SOURCE = "tinygptv.quant.weight_bytes_per_token"  # one definition for every row, the reference too
+WEIGHT_BYTES_SOURCE = "tinygptv.quant.apply.weight_bytes_per_token"  # one definition for every row, the reference too
 
 # Text that a tokenizer splits into one token per repeat (BPE vocabularies: " the"; the byte-level one: "a"); the
 # first unit that gives exactly --prompt-tokens tokens is used.
@@ -30,9 +33,6 @@ def model_config(spec: dict) -> TinyGPTVConfig:
     if name in PRESETS:
         config = preset(name)
     else:
-        from tinygptv.checkpoint.hub import resolve_model_dir
-        from tinygptv.serve.loading import resolve_name
-
         config = TinyGPTVConfig.load(resolve_model_dir(resolve_name(name)) / "config.json")
     size = spec.get("image_size")
     if size and size != config.vision.image_size:
@@ -56,8 +56,6 @@ def model_name(spec: dict) -> str:
 
 
 def load(spec: dict):
-    from tinygptv.serve.loading import load_model
-
     return load_model(model_name(spec), quant=spec["quant"], quiet=True, device=spec["device"])
 
 
@@ -65,8 +63,6 @@ def image_pixels(config: TinyGPTVConfig, spec: dict) -> torch.Tensor:
     """A real image through the model's processor when --image is given, else random pixels: the encoder's speed
     does not depend on what the picture shows."""
     if spec.get("image"):
-        from tinygptv.data.image_processor import ImageProcessor
-
         return ImageProcessor(config.vision)([spec["image"]])  # [1, 3, S, S]
     size = config.vision.image_size
     return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # [1, 3, S, S]
@@ -115,7 +111,6 @@ def time_encode(encode, flops: int | None, spec: dict, device: torch.device) -> 
 def measure_tinygptv(spec: dict, log) -> dict:
     device = torch.device(spec["device"])
     warmup, repeats, new_tokens = spec["warmup"], spec["repeats"], spec["new_tokens"]
-    importlib.import_module("tinygptv.serve.loading")  # import time of the libraries is not the model's load time
 
     log(f"loading {spec['model']} with quant={spec['quant']}")
     start = time.perf_counter()

@@ -7,23 +7,26 @@ import importlib.util
 import json
 import os
 import shutil
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tinygptv.atomic import save_weights, staging_dir
+from tinygptv.atomic import clean_stale, replace_dir, save_weights, staging_dir
 from tinygptv.config import LLMConfig, QFormerConfig, TinyGPTVConfig, VisionConfig
+from tinygptv.model.llm import LLM_ADAPTERS
+from tinygptv.model.lora import is_lora_param
+from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.model.weights import align_lora_names, fresh_tensor, seeded_noise, without_lora
 from tinygptv.registry import Registry
 
 BACKBONES_BASE = "backbones"  # the TinyGPTVConfig.base_model value that means "fill the frozen weights from here"
 CACHE_ENV = "TINYGPTV_CACHE"
 CACHE_MARKER = "tinygptv-cache.json"  # written last into a cache folder: its presence marks a complete folder
-FRESH_INIT_STD = 0.02  # BERT's initializer_range, which BLIP-2 uses for the Q-Former parts BERT does not provide
 
 
 class BackboneError(RuntimeError):
@@ -141,8 +144,6 @@ def smollm2_gguf() -> Path:
 def load_gguf(gguf: Path):
     """transformers dequantizes the Q4_1/Q8_0 tensors to float32 and builds the tokenizer from the GGUF metadata
     (slow: ~15 s and ~6 s, which is why the result is cached)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return model, tokenizer
@@ -169,25 +170,21 @@ def write_lm_folder(model, tokenizer, folder: Path) -> None:
 
 def cached_lm_dir(gguf: Path | None = None) -> Path:
     """The safetensors folder converted from the GGUF, converting only when no complete one exists. The folder is
-    written under a temporary name and renamed into place, with CACHE_MARKER written last, so a crash or a
-    concurrent run never leaves a folder that looks complete."""
+    staged and swapped into place, with CACHE_MARKER written last, so a crash never leaves a folder that looks
+    complete; if another process finished the same conversion meanwhile, its folder is used."""
     gguf = gguf or smollm2_gguf()
     target = cache_dir() / "llm" / gguf.stem
     source = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
     if _is_complete(target, source):
         return target
+    clean_stale(target)
     tmp = staging_dir(target)
     try:
         model, tokenizer = load_gguf(gguf)
         write_lm_folder(model, tokenizer, tmp)
         (tmp / CACHE_MARKER).write_text(json.dumps(source, indent=2) + "\n")
-        if target.exists() and not _is_complete(target, source):
-            shutil.rmtree(target)  # an interrupted copy or an older source: replaced, never trusted
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _is_complete(target, source):  # another process finished first: use its folder
-                raise
+        if not _is_complete(target, source):  # an interrupted copy or an older source: replaced, never trusted
+            replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -204,8 +201,6 @@ def _is_complete(folder: Path, source: dict[str, Any]) -> bool:
 
 
 def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(cached_lm_dir()))
 
 
@@ -265,8 +260,6 @@ def _sources(config: TinyGPTVConfig) -> list[tuple[BackboneSource, Any]]:
 def is_trained_from_scratch(name: str) -> bool:
     """Weights no backbone has and nothing frozen depends on: the projections and LoRA. A trainable-only checkpoint
     always carries them; the base never does."""
-    from tinygptv.model.lora import is_lora_param
-
     return name.startswith("projector.") or is_lora_param(name)
 
 
@@ -275,12 +268,9 @@ def backbone_state(config: TinyGPTVConfig) -> dict[str, Tensor]:
     consumed or deliberately skipped (listed above), and a seeded, per-name fresh init for the parts no backbone
     provides (ln_vision, query tokens, cross-attention, TinyGPT-V's added norms). Keys use the names without LoRA
     (`q_proj.weight`, not `q_proj.base_layer.weight`); the loaders map between the two."""
-    from tinygptv.checkpoint.native import align_lora_names
-    from tinygptv.model.tinygptv import TinyGPTV
-
     with torch.device("meta"):
         model = TinyGPTV(config)  # names, shapes and module types only
-    expected = {_without_lora(k): v for k, v in model.state_dict().items() if not is_trained_from_scratch(k)}
+    expected = {without_lora(k): v for k, v in model.state_dict().items() if not is_trained_from_scratch(k)}
     state: dict[str, Tensor] = {}
     for source, part in _sources(config):
         for key, value in source.state(part).items():
@@ -291,37 +281,16 @@ def backbone_state(config: TinyGPTVConfig) -> dict[str, Tensor]:
         raise BackboneError(f"backbone weights with no place in the model: {unexpected[:8]}")
     for name, module in model.named_modules():
         for leaf, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            key = _without_lora(f"{name}.{leaf}" if name else leaf)
+            key = without_lora(f"{name}.{leaf}" if name else leaf)
             if key in expected and key not in state:
-                state[key] = fresh_init(key, module, leaf, tuple(tensor.shape), tensor.dtype)
+                # the parts no backbone provides (ln_vision, query tokens, cross-attention, added norms), seeded by
+                # name, so the frozen base of a trainable-only checkpoint is the same on every machine
+                state[key] = fresh_tensor(key, module, leaf, tuple(tensor.shape), tensor.dtype, seeded_noise,
+                                          strict=True)
     wrong = [k for k in state if tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
         raise BackboneError(f"backbone weights of the wrong shape: {wrong[:8]}")
     return state
-
-
-def _without_lora(key: str) -> str:
-    return key.replace(".base_layer.", ".")
-
-
-def fresh_init(key: str, module: nn.Module, leaf: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Deterministic init written here, not taken from transformers' init order: the generator is seeded from the
-    weight's name, so the frozen base of a trainable-only checkpoint depends only on that name and torch's CPU
-    generator, not on the machine, the build order or the transformers version.
-    Norms start at weight 1 / bias 0; linear and query weights ~ N(0, 0.02), biases 0."""
-    kind = type(module).__name__
-    if "Norm" in kind:  # LayerNorm, LlamaRMSNorm
-        if leaf == "weight":
-            return torch.ones(shape, dtype=dtype)
-        if leaf == "bias":
-            return torch.zeros(shape, dtype=dtype)
-    if (isinstance(module, nn.Linear) and leaf == "weight") or leaf == "query_tokens":
-        generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-        return torch.empty(shape, dtype=dtype).normal_(0.0, FRESH_INIT_STD, generator=generator)
-    if isinstance(module, nn.Linear) and leaf == "bias":
-        return torch.zeros(shape, dtype=dtype)
-    raise BackboneError(f"{key}: no backbone provides it and there is no fresh-init rule for a {kind}.{leaf}; "
-                        "give that component a `pretrained` source")
 
 
 # A few lines of chat and prose in the shape the model will see, for calibrate_added_norms.
@@ -342,8 +311,6 @@ def calibrate_added_norms(model, texts=CALIBRATION_TEXT) -> None:
     as it can be to its input (per-channel least squares, bias kept at 0). At weight 1 a norm is no identity: an
     RMSNorm on SmolLM2's attention output makes its perplexity ~10^5; calibrated, the LM keeps its language and
     the trainable weights start from there. The LM runs unchanged while the statistics are taken."""
-    from tinygptv.model.llm import LLM_ADAPTERS
-
     llm = model.llm
     added = LLM_ADAPTERS[model.config.llm.name].added_norms
     sums: dict[str, tuple[Tensor, Tensor]] = {}
@@ -383,9 +350,6 @@ def calibrate_added_norms(model, texts=CALIBRATION_TEXT) -> None:
 def build_from_backbones(config: TinyGPTVConfig):
     """A TinyGPTV whose frozen parts hold the backbones' weights and whose projections and LoRA are freshly
     initialised (the training step starts here), with the LLM source's tokenizer."""
-    from tinygptv.checkpoint.native import align_lora_names
-    from tinygptv.model.tinygptv import TinyGPTV
-
     tokenizers = [source.tokenizer for source, _ in _sources(config) if source.tokenizer is not None]
     if not tokenizers:
         raise BackboneError("build_from_backbones needs an LLM with a `pretrained` source (it brings the tokenizer)")

@@ -1,5 +1,5 @@
-# Our checkpoint format: a folder with config.json (TinyGPTVConfig), model.safetensors and the tokenizer files.
-# A folder may hold only the trainable weights and name its base (config.base_model). Written atomically.
+# Our checkpoint format: a folder with config.json (TinyGPTVConfig), model.safetensors and the tokenizer files. A folder
+# may hold only the trainable weights and name its base (config.base_model). The one place models are read and written.
 from __future__ import annotations
 
 import os
@@ -8,28 +8,54 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-from tinygptv.atomic import save_weights, staging_dir
+from tinygptv.atomic import save_weights, writing_dir
 from tinygptv.checkpoint.backbones import BACKBONES_BASE, backbone_state
 from tinygptv.checkpoint.hub import resolve_model_dir
 from tinygptv.config import TinyGPTVConfig
+from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.model.weights import align_lora_names, cast_weights, materialize_buffers
+from tinygptv.quant.apply import prepare_for_quantized_weights
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+MODEL_CARD = "README.md"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+# Everything a model folder of ours may hold; anything else is the user's, and no save deletes it.
+MODEL_ENTRIES = frozenset((CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD, *TOKENIZER_FILES))
 
 
 class CheckpointError(ValueError):
     pass
 
 
-MODEL_CARD = "README.md"
+def is_model_entry(name: str) -> bool:
+    return name in MODEL_ENTRIES
 
 
-def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool = False,
-                    base_model: str | None = None) -> Path:
-    """Write to a temporary sibling folder, then swap it in: a crash never leaves a folder that looks complete."""
+def save_pretrained(model: TinyGPTV, directory: str | os.PathLike, *, trainable_only: bool = False,
+                    base_model: str | None = None, overwrite: bool = False) -> Path:
+    """config.json + model.safetensors + tokenizer files, written into a staging folder and swapped in (a crash never
+    leaves a folder that looks complete). trainable_only keeps just the weights with requires_grad and records
+    base_model, the folder or Hub id that supplies the rest (a relative path is relative to the saved folder). A
+    model card (README.md) already in the folder is kept. A folder holding files of someone else is refused unless
+    `overwrite`, which writes into it and keeps those files."""
     directory = Path(directory)
+    with writing_dir(directory, is_model_entry, overwrite=overwrite, what="model folder", marker=CONFIG_NAME) as tmp:
+        card = directory / MODEL_CARD
+        if card.is_file():  # the user's writing about the model: a re-export must not delete it
+            shutil.copy2(card, tmp / MODEL_CARD)
+        write_model_files(model, tmp, trainable_only=trainable_only, base_model=base_model)
+    return directory
+
+
+def write_model_files(model: TinyGPTV, folder: Path, *, trainable_only: bool = False,
+                      base_model: str | None = None) -> None:
+    """The files of a model folder, into `folder` (a staging folder of writing_dir); config.json last."""
     config = TinyGPTVConfig.from_dict(model.config.to_dict())
     state = model.state_dict()
     if trainable_only:
@@ -41,38 +67,48 @@ def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool
         state = {k: v for k, v in state.items() if k in keep}
     else:
         config.base_model = None
-    tmp = staging_dir(directory)
-    try:
-        save_weights(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "producer": "tinygptv"})
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(tmp)
-        card = directory / MODEL_CARD
-        if card.is_file():  # the user's writing about the model: a re-export must not delete it
-            shutil.copy2(card, tmp / MODEL_CARD)
-        config.save(tmp / CONFIG_NAME)  # written last: its presence marks a complete folder
-        swap_in(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    save_weights(state, folder / WEIGHTS_NAME, metadata={"format": "pt", "producer": "tinygptv"})
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(folder)
+    config.save(folder / CONFIG_NAME)  # written last: its presence marks a complete folder
 
 
-def swap_in(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by the finished folder `tmp` with renames only."""
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                    dtype: torch.dtype | None = None) -> TinyGPTV:
+    """A folder of ours or a Hub id, ready for inference (eval mode, TinyGPT-V's trainable set marked). Built on the
+    meta device and filled from the file, so loading never holds a second, randomly initialised copy of the weights.
+    A copy saved by `tinygptv quantize` gets its quantized layers before its weights are loaded."""
+    directory = resolve_model_dir(name_or_path, revision)
+    config, state = collect_state(directory)
+    with torch.device("meta"):
+        model = TinyGPTV(config, load_tokenizer(directory))
+    if config.quant != "none":
+        prepare_for_quantized_weights(model, config.quant)
+    elif dtype is not None:
+        for k, v in state.items():  # one tensor at a time, so the file's copy is freed as it goes
+            if v.is_floating_point():
+                state[k] = v.to(dtype)
+        cast_weights(model, dtype)
+    load_into(model, state, str(directory))
+    model.freeze_as_official()
+    return model.eval()
+
+
+def load_tokenizer(directory: Path):
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(directory))
 
 
 def load_state(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
-    return load_file(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is damaged or incomplete, "
+                              "write it again") from None
 
 
 def collect_state(directory: Path, depth: int = 0) -> tuple[TinyGPTVConfig, dict[str, torch.Tensor]]:
@@ -91,23 +127,6 @@ def collect_state(directory: Path, depth: int = 0) -> tuple[TinyGPTVConfig, dict
         _, state = collect_state(base if base.is_dir() else resolve_model_dir(config.base_model), depth + 1)
     state.update(align_lora_names(load_state(directory), state.keys()))
     return config, state
-
-
-def align_lora_names(state: Mapping[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
-    """peft renames a wrapped Linear's weight X.weight -> X.base_layer.weight. Map between the two forms so a base
-    saved without LoRA loads into a model with LoRA and back."""
-    expected = set(expected)
-    out = {}
-    for key, value in state.items():
-        if key not in expected:
-            if ".base_layer." in key and key.replace(".base_layer.", ".") in expected:
-                key = key.replace(".base_layer.", ".")
-            else:
-                head, _, leaf = key.rpartition(".")
-                if f"{head}.base_layer.{leaf}" in expected:
-                    key = f"{head}.base_layer.{leaf}"
-        out[key] = value
-    return out
 
 
 def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -135,27 +154,12 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source:
     materialize_buffers(model)
 
 
-def materialize_buffers(model: torch.nn.Module) -> None:
-    """Non-persistent buffers (the rotary inverse frequencies) are not in any file; after a meta-device build they
-    are recomputed by building that small module again on the CPU."""
-    for module in model.modules():
-        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
-        if not meta:
-            continue
-        if not hasattr(module, "config"):
-            raise CheckpointError(f"cannot rebuild buffers {meta} of {type(module).__name__}")
-        with torch.device("cpu"):
-            fresh = type(module)(module.config)
-        for n in meta:
-            setattr(module, n, getattr(fresh, n))
-
-
 def _preview(keys: list[str], n: int = 12) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def keep_differing(model, base_model: str) -> int:
+def keep_differing(model: TinyGPTV, base_model: str) -> int:
     """Mark trainable exactly the parameters whose values differ from base_model's, so a trainable-only save keeps
     just those. Returns how many parameter values that is."""
     if base_model == BACKBONES_BASE:

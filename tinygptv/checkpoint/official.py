@@ -1,18 +1,17 @@
 # Converter from the official release (TinyGPT-V_for_StageN.pth + Phi-2 folder + LAVIS eva_vit_g.pth +
 # blip2_pretrained_flant5xxl.pth) to our folder format. Data path: official files -> [official.py, phi2.py] ->
-# our folder (config.json + model.safetensors + tokenizer) -> TinyGPTV.from_pretrained.
+# our folder (config.json + model.safetensors + tokenizer) -> tinygptv.checkpoint.load_pretrained.
 from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tinygptv.checkpoint.native import CONFIG_NAME, CheckpointError, load_into, swap_in
+from tinygptv.atomic import check_output_dir, writing_dir
+from tinygptv.checkpoint.native import CONFIG_NAME, CheckpointError, is_model_entry, load_into, write_model_files
 from tinygptv.checkpoint.phi2 import (
     FileReport,
     Phi2Checkpoint,
@@ -33,6 +32,7 @@ from tinygptv.config import (
     VisionConfig,
     preset,
 )
+from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.vision.eva_vit import adapt_state_dict
 
 OFFICIAL = "TinyGPT-V checkpoint"
@@ -75,14 +75,17 @@ class OfficialConversion:
 
 def convert_official(official_ckpt, phi2_dir, eva, blip2, out, *, stage: int | None = None,
                      image_size: int | None = None, vit_depth: int | None = None, vit_heads: int | None = None,
-                     qformer_heads: int | None = None, lora_alpha: int | None = None, quiet: bool = False) -> Path:
+                     qformer_heads: int | None = None, lora_alpha: int | None = None, quiet: bool = False,
+                     overwrite: bool = False) -> Path:
     """Convert and write our folder. Every dimension is read from the files (a tiny file in the official layout
     converts exactly like the real one); only what no tensor shape reveals (head counts, LoRA alpha, the image size)
-    comes from the arguments, the checkpoint's own config, or the documented defaults."""
+    comes from the arguments, the checkpoint's own config, or the documented defaults. `out` is checked before the
+    files are read, so a wrong --out fails at once."""
+    check_output_dir(out, is_model_entry, overwrite=overwrite, what="model folder")
     conversion = plan_official(official_ckpt, phi2_dir, eva, blip2, stage=stage, image_size=image_size,
                                vit_depth=vit_depth, vit_heads=vit_heads, qformer_heads=qformer_heads,
                                lora_alpha=lora_alpha)
-    path = write_converted(conversion, out)
+    path = write_converted(conversion, out, overwrite=overwrite)
     if not quiet:
         print(conversion.summary())
         print(f"wrote {path}")
@@ -578,24 +581,13 @@ def llm_state(phi_state: dict[str, torch.Tensor], llm: LLMConfig) -> dict[str, t
 # --- writing --------------------------------------------------------------------------------------------------------
 
 
-def write_converted(conversion: OfficialConversion, out) -> Path:
-    """Strict load into the model (the last check that every key and shape fits), then save through
-    TinyGPTV.save_pretrained plus the Phi-2 tokenizer files, swapped in as one folder."""
-    from tinygptv.model.tinygptv import TinyGPTV  # the model imports the checkpoint package
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{out}: exists, is not empty and is not a model folder; refusing to replace it")
+def write_converted(conversion: OfficialConversion, out, *, overwrite: bool = False) -> Path:
+    """Strict load into the model (the last check that every key and shape fits), then save_pretrained plus the Phi-2
+    tokenizer files, byte for byte, into the same staged folder."""
     with torch.device("meta"):
         model = TinyGPTV(conversion.config, tokenizer=None)
     load_into(model, conversion.state, "converted official weights")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".convert", dir=out.parent))
-    try:
-        staged = staging / "model"
-        model.save_pretrained(staged)
+    with writing_dir(out, is_model_entry, overwrite=overwrite, what="model folder", marker=CONFIG_NAME) as staged:
         copy_tokenizer_files(conversion.phi2_dir, staged)
-        swap_in(staged, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+        write_model_files(model, staged)
+    return Path(out)

@@ -1,4 +1,4 @@
-# Prompt templates of the official stages (spec 4.3-4.4) and the conversation they build. The text they produce
+# Prompt templates of the official stages (training, demo and benchmark formats) and the conversation they build. The text they produce
 # carries <ImageHere>, where the model later splices the image embeddings. Data path: question -> template -> prompt.
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from tinygptv.registry import Registry
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
-IMAGE_PROMPT = "<Img><ImageHere></Img> {}"  # how every image instruction is written in training (spec 4.5)
+IMAGE_PROMPT = "<Img><ImageHere></Img> {}"  # how every image instruction is written in official training
 TASK_TAGS = ("vqa", "caption", "refer", "identify", "grounding", "detection")
 
 
@@ -37,6 +37,12 @@ TEMPLATES.register("eval", Template(turn="###Human: {}###Assistant: "))
 # ChatML, the format SmolLM2-Instruct (the `nano` preset's LLM) was tuned on; end_sym "<|im_end|>\n" closes each answer,
 # so a multi-turn prompt is exactly its chat template (minus the default system line).
 TEMPLATES.register("chatml", Template(turn="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"))
+
+
+def inference_template(trained_with: str) -> str:
+    """The template to ask a model in, from the one it was trained with: the official stage-3 demo format for stage
+    1-3 models (as the official chat asks them), the training template otherwise."""
+    return {"stage3": "stage3-demo", "none": "stage3-demo"}.get(trained_with, trained_with)
 
 
 def with_task(question: str, task: str | None) -> str:

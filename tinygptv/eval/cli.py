@@ -7,12 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from tinygptv.cli_options import add_precision_args, load_for_args
+from tinygptv.config import DEFAULT_MODEL
+from tinygptv.data.templates import TEMPLATES
+from tinygptv.eval import BENCHMARKS, COMPATIBLE, STRICT
+from tinygptv.eval.base import need_data
+from tinygptv.eval.scoring import score_file
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add `eval` (and its `score` sub-command) to the main parser's sub-parsers."""
-    from tinygptv.data.templates import TEMPLATES
-    from tinygptv.eval import BENCHMARKS
-    from tinygptv.serve.loading import add_precision_args
-
     names = BENCHMARKS.names()
     p = subparsers.add_parser(
         "eval", help="evaluate a model on a benchmark (GQA, VSR, IconQA, VizWiz, HM, OK-VQA, RefCOCO*, easy-VQA)",
@@ -71,11 +75,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
-    import torch
+    import torch  # the command's imports wait for the command: `tinygptv --help` stays instant
 
-    from tinygptv.eval import BENCHMARKS, run_eval
-    from tinygptv.eval.base import need_data
-    from tinygptv.serve.loading import DEFAULT_MODEL, load_for_args
+    from tinygptv.eval.runner import run_eval
 
     if args.benchmark is None or args.out is None:
         raise ValueError("--benchmark and --out are required (or use `tinygptv eval score ...`)")
@@ -98,8 +100,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_eval_score(args) -> int:
-    from tinygptv.eval import score_file
-
     summary = score_file(args.benchmark, args.data, args.predictions, split=args.split, limit=args.limit)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if summary["missing"]:
@@ -110,8 +110,6 @@ def cmd_eval_score(args) -> int:
 
 def format_summary(summary: dict) -> str:
     """Both scores side by side, one row per metric."""
-    from tinygptv.eval import COMPATIBLE, STRICT
-
     scores = summary["scores"]
     metrics = list(dict.fromkeys([*scores[STRICT], *scores[COMPATIBLE]]))
     head = f"{summary['title']} ({summary['split']}): {summary['n']} of {summary['items']} items scored"

@@ -16,13 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from tinygptv.atomic import write_json_atomic
+from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import IMAGE_PLACEHOLDER, TEMPLATES, single_prompt
 from tinygptv.eval.base import BENCHMARKS, STRICT, Benchmark, Item
 from tinygptv.eval.hm import NO_WORDS, YES_WORDS
 from tinygptv.eval.scoring import load_predictions, score_predictions
-from tinygptv.model.tinygptv import cut_at_stop
+from tinygptv.model.generation import GenerationSettings, cut_at_stop
+from tinygptv.model.tinygptv import IGNORE_INDEX
 
-# Templates of official-style models: the paper's benchmarks were run with the "eval" template on them (spec 4.4).
+# Templates of official-style models: the paper's benchmarks were run with the "eval" template on them.
 OFFICIAL_TEMPLATES = ("stage3", "stage4", "none")
 HASH_TEMPLATES = ("eval", "stage3", "stage3-demo")  # templates whose turns end in "###"
 
@@ -69,10 +71,8 @@ class EmbeddingCache:
     (easy-VQA ~10, GQA ~30), so encoding each image once saves most of the vision tower's time."""
 
     def __init__(self, model, size: int = 256):
-        from tinygptv.serve.loading import image_processor_for
-
         self.model = model
-        self.processor = image_processor_for(model)
+        self.processor = ImageProcessor(model.config.vision)
         self.size = size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -128,15 +128,15 @@ def candidate_losses(model, prompts: Sequence[str], embeds: torch.Tensor, answer
     inputs = model.build_inputs(prompts, embeds, segments, add_bos=True, padding_side="right")
     logits = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
     logits, labels = logits[:, :-1].float(), inputs.labels[:, 1:]  # position t predicts token t+1
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # [B, L-1]
     per_row = (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     return per_row.tolist()
 
 
 @torch.inference_mode()
-def generate_shared_prefix(model, prompts: Sequence[str], embeds: torch.Tensor, image_keys: Sequence[str], *,
-                           max_new_tokens: int, stop_strings: Sequence[str]) -> list[str] | None:
+def generate_shared_prefix(model, prompts: Sequence[str], embeds: torch.Tensor, image_keys: Sequence[str],
+                           settings: GenerationSettings) -> list[str] | None:
     """Greedy generation that runs the part of the prompt every question of an image shares (template start, image
     embeddings, the fixed start of the instruction) once per image, then only each question's own tokens.
 
@@ -149,8 +149,9 @@ def generate_shared_prefix(model, prompts: Sequence[str], embeds: torch.Tensor, 
 
     The model input is token-for-token the one model.generate() builds: the split is made before a space, and a
     batch whose split would tokenize differently (or whose prompts differ before the image) returns None, so the
-    caller uses model.generate(). Outputs agree with it up to floating-point summation order."""
-    if model.tokenizer is None or len(prompts) < 2:
+    caller uses model.generate(). Outputs agree with it up to floating-point summation order. Greedy settings only
+    (each row continues one copied cache)."""
+    if model.tokenizer is None or len(prompts) < 2 or settings.sampling or settings.num_beams > 1:
         return None
     pieces = [p.split(IMAGE_PLACEHOLDER) for p in prompts]
     if any(len(x) != 2 for x in pieces) or len({x[0] for x in pieces}) != 1:
@@ -183,16 +184,12 @@ def generate_shared_prefix(model, prompts: Sequence[str], embeds: torch.Tensor, 
     inputs_embeds = torch.cat([rest_embeds.new_zeros(n, p_len, rest_embeds.shape[-1]), rest_embeds], dim=1)
     mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rest_ids], device=model.device)
     attention_mask = torch.cat([torch.ones(n, p_len, dtype=mask.dtype, device=mask.device), mask], dim=1)
-    stops = [s for s in stop_strings if s.strip()]
-    kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
-                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
-                  top_k=None, repetition_penalty=1.0, pad_token_id=pad_id, eos_token_id=model.config.llm.eos_token_id,
-                  bos_token_id=model.config.llm.bos_token_id)
-    if stops:
-        kwargs.update(stop_strings=stops, tokenizer=model.tokenizer)
-    new_tokens = model.llm.generate(**kwargs)  # [B, new]: only new tokens come back with inputs_embeds
+    end_sym = model.config.prompt.end_sym
+    new_tokens = model.llm.generate(  # [B, new]: only new tokens come back with inputs_embeds
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+        **settings.generate_kwargs(model.config.llm, model.tokenizer, end_sym))
     texts = model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return [cut_at_stop(t, stops).strip() for t in texts]
+    return [cut_at_stop(t, settings.stops(end_sym)).strip() for t in texts]
 
 
 class Runner:
@@ -211,6 +208,8 @@ class Runner:
         end_sym = model.config.prompt.end_sym
         stops = [end_sym] + (["###"] if self.template in HASH_TEMPLATES and "###" not in end_sym else [])
         self.stop_strings = stops if stop else []
+        # the official benchmark decoding: greedy, no penalty
+        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, stop_strings=self.stop_strings)
         self.images = EmbeddingCache(model)
         self.share_prefix = share_prefix
         # what follows a candidate answer when ranking: the official benchmark config sets no end_sym, so the
@@ -240,11 +239,9 @@ class Runner:
             return self._rank(batch, prompts, embeds)
         raws = None
         if self.share_prefix:
-            raws = generate_shared_prefix(self.model, prompts, embeds, [it.image for it in batch],
-                                          max_new_tokens=self.max_new_tokens, stop_strings=self.stop_strings)
+            raws = generate_shared_prefix(self.model, prompts, embeds, [it.image for it in batch], self.settings)
         if raws is None:
-            raws = self.model.generate(None, prompts, image_embeds=embeds, max_new_tokens=self.max_new_tokens,
-                                       do_sample=False, num_beams=1, stop_strings=self.stop_strings)
+            raws = self.model.generate(None, prompts, image_embeds=embeds, settings=self.settings)
         records = [{"id": it.id, "prompt": p, "raw": raw, "answer": self.benchmark.parse(raw)}
                    for it, p, raw in zip(batch, prompts, raws)]
         if self.benchmark.mode == "yesno":

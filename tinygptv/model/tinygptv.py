@@ -9,10 +9,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from tinygptv.checkpoint.hub import resolve_model_dir
-from tinygptv.checkpoint.native import collect_state, load_into, save_pretrained
 from tinygptv.config import TinyGPTVConfig
 from tinygptv.data.templates import IMAGE_PLACEHOLDER
+from tinygptv.model.generation import GenerationSettings, cut_at_stop
 from tinygptv.model.llm import LLM_ADAPTERS, build_llm
 from tinygptv.model.lora import add_lora, is_lora_param, merge_lora
 from tinygptv.model.projector import Projector
@@ -30,8 +29,9 @@ class ModelInputs:
 
 
 class TinyGPTV(nn.Module):
-    """Knows nothing of datasets or training loops: it turns (pixels, prompt text, optional answers) into a loss or
-    into generated text. The tokenizer travels with the model because splicing needs it."""
+    """Knows nothing of files, datasets or training loops: it turns (pixels, prompt text, optional answers) into a
+    loss or into generated text. The tokenizer travels with the model because splicing needs it. Reading and writing
+    model folders is tinygptv.checkpoint's job (load_pretrained / save_pretrained)."""
 
     def __init__(self, config: TinyGPTVConfig, tokenizer=None):
         super().__init__()
@@ -42,37 +42,6 @@ class TinyGPTV(nn.Module):
         self.projector = Projector(config.qformer.hidden_size, config.projector.hidden_size, config.llm.hidden_size)
         self.llm = add_lora(build_llm(config.llm), config.lora)
         self.freeze_as_official()
-
-    # --- our checkpoint format ---------------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory, *, trainable_only: bool = False, base_model: str | None = None):
-        """config.json + model.safetensors + tokenizer files. trainable_only keeps just the weights with
-        requires_grad (by default TinyGPT-V's: projections, norms, LoRA) and records base_model, the folder or Hub id
-        that supplies the rest (a relative path is taken relative to the saved folder)."""
-        return save_pretrained(self, directory, trainable_only=trainable_only, base_model=base_model)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, *, revision: str | None = None,
-                        dtype: torch.dtype | None = None) -> "TinyGPTV":
-        """A folder of ours or a Hub id. Built on the meta device and filled from the file, so loading never holds a
-        second, randomly initialised copy of the weights."""
-        directory = resolve_model_dir(name_or_path, revision)
-        config, state = collect_state(directory)
-        tokenizer = load_tokenizer(directory)
-        with torch.device("meta"):
-            model = cls(config, tokenizer)
-        if config.quant != "none":  # a copy saved by `tinygptv quantize`: its layers are quantized before loading
-            from tinygptv.quant import prepare_for_quantized_weights
-
-            prepare_for_quantized_weights(model, config.quant)
-        elif dtype is not None:
-            for k, v in state.items():  # one tensor at a time, so the file's copy is freed as it goes
-                if v.is_floating_point():
-                    state[k] = v.to(dtype)
-            cast_weights(model, dtype)
-        load_into(model, state, str(directory))
-        model.freeze_as_official()
-        return model.eval()
 
     def merge_lora(self) -> "TinyGPTV":
         """Fold LoRA into the LLM weights (config.lora.r becomes 0): the same outputs, no adapter cost."""
@@ -85,8 +54,8 @@ class TinyGPTV(nn.Module):
     # --- which weights train ----------------------------------------------------------------------------------------
 
     def trainable_names(self) -> set[str]:
-        """TinyGPT-V's trainable set (spec 2.4): both projections, the LLM's norm weights and LoRA. The vision tower,
-        ln_vision, the Q-Former, every pretrained LLM weight and every norm bias stay frozen."""
+        """TinyGPT-V's trainable set: both projections, the LLM's norm weights and LoRA. The vision tower, ln_vision,
+        the Q-Former, every pretrained LLM weight and every norm bias stay frozen."""
         norms = LLM_ADAPTERS[self.config.llm.name].trainable_norms
         names = set()
         for name, _ in self.named_parameters():
@@ -248,73 +217,28 @@ class TinyGPTV(nn.Module):
         prompts: Sequence[str],
         *,
         image_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        max_new_tokens: int = 300,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 0.9,
-        num_beams: int = 1,
-        repetition_penalty: float = 1.0,
-        stop_strings: Sequence[str] | None = None,
+        settings: GenerationSettings | None = None,
         streamer=None,
+        **changes,
     ) -> list[str]:
-        """Greedy, sampling (temperature, top-p) or beam search with the KV cache of transformers' generate(). Prompts
-        are left-padded so a batch decodes together. Each answer is cut at the first stop string (default end_sym)."""
+        """Greedy, sampling or beam search (GenerationSettings; keyword arguments such as max_new_tokens=40 change
+        single fields) with the KV cache of transformers' generate(). Prompts are left-padded so a batch decodes
+        together. Each answer is cut at the first stop string (default end_sym)."""
+        settings = (settings or GenerationSettings()).replace(**changes)
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_image(pixel_values)
         inputs = self.build_inputs(
             prompts, image_embeds, add_bos=self.config.prompt.bos_at_inference, padding_side="left"
         )
-        stops = list(stop_strings) if stop_strings is not None else [self.config.prompt.end_sym]
-        stops = [s for s in stops if s.strip()]
-        gen_kwargs = dict(
+        end_sym = self.config.prompt.end_sym
+        out = self.llm.generate(  # [B, new tokens]: with inputs_embeds only the new tokens come back
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            num_beams=num_beams,
-            repetition_penalty=repetition_penalty,
-            pad_token_id=self.config.llm.pad_token_id,
-            eos_token_id=self.config.llm.eos_token_id,
-            bos_token_id=self.config.llm.bos_token_id,
             streamer=streamer,
+            **settings.generate_kwargs(self.config.llm, self.tokenizer, end_sym),
         )
-        if do_sample:
-            gen_kwargs.update(temperature=temperature, top_p=top_p)
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        if stops:
-            gen_kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
-        out = self.llm.generate(**gen_kwargs)  # [B, new tokens]: with inputs_embeds only new tokens come back
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [cut_at_stop(t, stops).strip() for t in texts]
-
-
-def cast_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """module.to(dtype) for weights and saved buffers only: computed tables (rotary inverse frequencies) stay fp32, as a
-    model built in that dtype has them; casting them too would round the rotary angles to bf16."""
-    kept = [(m, n, b) for m in module.modules() for n, b in m.named_buffers(recurse=False)
-            if n in m._non_persistent_buffers_set and b is not None]
-    module.to(dtype)
-    for m, n, b in kept:
-        setattr(m, n, b)
-    return module
-
-
-def load_tokenizer(directory):
-    from transformers import AutoTokenizer
-
-    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    return AutoTokenizer.from_pretrained(str(directory))
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    cut = len(text)
-    for stop in stops:
-        at = text.find(stop)
-        if at != -1:
-            cut = min(cut, at)
-    return text[:cut]
+        return [cut_at_stop(t, settings.stops(end_sym)).strip() for t in texts]
 
 
 def _per_sample_images(image_embeds, n: int) -> list[list[torch.Tensor]]:

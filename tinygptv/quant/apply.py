@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tinygptv.model.tinygptv import cast_weights
-from tinygptv.quant.bnb_linear import BNB_MODES, bnb_from_linear, bnb_weight_bytes, import_bitsandbytes, is_bnb_layer
+from tinygptv.config import TinyGPTVConfig
+from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.model.weights import RepeatedNoise, cast_weights, materialize_buffers, materialize_fresh
+from tinygptv.quant.bnb_linear import bnb_from_linear, bnb_weight_bytes, import_bitsandbytes, is_bnb_layer
 from tinygptv.quant.cpu_linear import Int4Linear, Int8DynamicLinear, Int8Linear, int4_fits
-
-CPU_MODES = ("int8", "int4", "int8-dynamic")  # PyTorch's CPU kernels
-QUANT_MODES = ("none", "bf16", *CPU_MODES, *BNB_MODES)
+from tinygptv.quant.modes import BNB_MODES, CPU_MODES, QUANT_MODES
 COMPONENTS = ("visual_encoder", "connector", "projector", "llm")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # Per mode, the dtype of each component's unquantized tensors. The vision tower runs in bf16 in every reduced mode
@@ -44,13 +44,6 @@ def check_mode(mode: str, device: torch.device | str = "cpu") -> str:
         raise ValueError(f"--quant {mode} needs an x86 CPU build of PyTorch (quantized engine here: "
                          f"{torch.backends.quantized.engine}); use bf16")
     return mode
-
-
-def modes_for(device: torch.device | str) -> tuple[str, ...]:
-    """The modes worth running on a device: bitsandbytes on CUDA, PyTorch's own kernels on the CPU (bitsandbytes'
-    CPU fallback works but dequantizes every layer at every call)."""
-    on_cpu = torch.device(device).type == "cpu"
-    return tuple(m for m in QUANT_MODES if m not in (BNB_MODES if on_cpu else CPU_MODES))
 
 
 def quantize_model(model, mode: str, device: torch.device | str | None = None):
@@ -114,10 +107,6 @@ def build_random_quantized(config, mode: str, tokenizer=None, device: torch.devi
     """A preset with random weights, materialised one module at a time in its final dtype and quantized at once, so
     the peak memory of building is the quantized model's size, not the fp32 model's (an 8 GB machine cannot hold
     the 15.6 GB fp32 TinyGPT-V first). LoRA is left out: a merged adapter costs nothing at inference."""
-    from tinygptv.checkpoint.native import materialize_buffers
-    from tinygptv.config import TinyGPTVConfig
-    from tinygptv.model.tinygptv import TinyGPTV
-
     device = torch.device(device)
     check_mode(mode, device)
     make = quantized_layer_maker(mode, device)
@@ -130,7 +119,7 @@ def build_random_quantized(config, mode: str, tokenizer=None, device: torch.devi
     # Names, not modules: a list of the modules would keep every replaced full-precision Linear alive to the end.
     for name in [n for n, _ in model.named_modules() if n]:
         module = model.get_submodule(name)
-        _materialize_random(module, dtypes[name.split(".")[0]], fill)
+        materialize_fresh(module, f"{name}.", dtypes[name.split(".")[0]], fill)
         if make is not None and name.startswith("llm.") and quantizable(mode, module):
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, make(module))
@@ -139,46 +128,6 @@ def build_random_quantized(config, mode: str, tokenizer=None, device: torch.devi
     model.config.quant = mode
     model.freeze_as_official()
     return model.eval()
-
-
-class RepeatedNoise:
-    """Weights for measuring speed: one block of N(0, 0.02) noise repeated through each tensor. Drawing 3.9 B fresh
-    normals takes minutes on one core; kernels run at the same speed on any values."""
-
-    def __init__(self, block: int = 1 << 22, seed: int = 0):
-        self.noise = torch.randn(block, generator=torch.Generator().manual_seed(seed)).mul_(0.02)
-        self.by_dtype: dict[torch.dtype, torch.Tensor] = {}
-
-    def fill_(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype not in self.by_dtype:  # converted once per dtype, not once per tensor
-            self.by_dtype[t.dtype] = self.noise.to(t.dtype)
-        noise = self.by_dtype[t.dtype]
-        flat = t.view(-1)
-        for start in range(0, flat.numel(), noise.numel()):
-            end = min(start + noise.numel(), flat.numel())
-            flat[start:end].copy_(noise[:end - start])
-        return t
-
-
-def _materialize_random(module: nn.Module, dtype: torch.dtype, fill: RepeatedNoise) -> None:
-    for pname, p in list(module.named_parameters(recurse=False)):
-        if not p.is_meta:
-            continue
-        t = torch.empty(p.shape, dtype=dtype)
-        if pname.endswith("bias"):
-            t.zero_()
-        elif p.dim() == 1:
-            t.fill_(1.0)  # norm weights
-        else:
-            fill.fill_(t)
-        setattr(module, pname, nn.Parameter(t, requires_grad=False))
-    persistent = {n for n, _ in module.named_buffers(recurse=False)} - module._non_persistent_buffers_set
-    for bname in persistent:
-        b = getattr(module, bname)
-        if b is not None and b.is_meta:
-            fill = 1.0 if bname == "running_var" else 0.0
-            new = torch.full(b.shape, fill, dtype=dtype if b.is_floating_point() else b.dtype)
-            module.register_buffer(bname, new)
 
 
 def weight_bytes_per_token(llm: nn.Module) -> int:

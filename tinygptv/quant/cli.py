@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+from tinygptv.quant.modes import BNB_MODES, QUANT_MODES
+
 
 def add_quantize_parser(sub):
-    from tinygptv.quant.apply import QUANT_MODES
-
     p = sub.add_parser(
         "quantize", help="save a quantized copy of a model and report what it costs in answers",
         description="Load a model, quantize it (bf16, int8 or int4 weight-only for the LLM's linears, int8-dynamic; "
@@ -21,6 +21,8 @@ def add_quantize_parser(sub):
     p.add_argument("model", help="a model folder, Hub id or preset name (presets have random weights)")
     p.add_argument("--quant", required=True, choices=[m for m in QUANT_MODES if m != "none"])
     p.add_argument("--out", type=Path, help="output folder (omit with --report-only)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds files quantize did not write (they are kept)")
     p.add_argument("--load-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="precision to load the original in (bf16 halves the memory needed; the report then "
                         "compares against the bf16 model)")
@@ -34,12 +36,13 @@ def add_quantize_parser(sub):
 
 
 def cmd_quantize(args) -> int:
-    import torch
+    import torch  # the command's imports wait for the command: `tinygptv --help` stays instant
 
-    from tinygptv.quant import BNB_MODES, quantize_model
+    from tinygptv.checkpoint.loading import load_model, pick_device
+    from tinygptv.checkpoint.native import save_pretrained
+    from tinygptv.data.templates import inference_template
+    from tinygptv.quant.apply import quantize_model
     from tinygptv.quant.quality import answer_logits, compare, prompt_set
-    from tinygptv.serve.chat import default_template
-    from tinygptv.serve.loading import load_model, pick_device
 
     if args.quant in BNB_MODES and not args.report_only:
         raise ValueError(f"{args.quant} is not saved: bitsandbytes quantizes as the weights reach the device, so "
@@ -50,7 +53,7 @@ def cmd_quantize(args) -> int:
     model = load_model(args.model, dtype=torch.bfloat16 if args.load_dtype == "bf16" else None)
     if model.config.quant != "none":
         raise ValueError(f"{args.model} is already quantized ({model.config.quant}); start from the original")
-    items = prompt_set(default_template(model))
+    items = prompt_set(inference_template(model.config.prompt.template))
     print(f"scoring {len(items)} fixed prompts before and after quantizing to {args.quant} ...", file=sys.stderr)
     reference = answer_logits(model, items)
     quantize_model(model, args.quant, device).to(device)
@@ -62,6 +65,6 @@ def cmd_quantize(args) -> int:
         print(f"{args.quant} vs {args.load_dtype}: top-1 agreement {report.top1_agreement:.1%}, mean KL "
               f"{report.mean_kl:.4f} nats over {report.positions} answer positions")
     if not args.report_only:
-        model.save_pretrained(args.out)
+        save_pretrained(model, args.out, overwrite=args.overwrite)
         print(f"saved {args.out}", file=sys.stderr)
     return 0

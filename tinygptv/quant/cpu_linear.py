@@ -75,8 +75,9 @@ class Int8Linear(nn.Module):
 
 class Int8DynamicLinear(nn.Module):
     """int8 weights with the activations quantized per call too: fbgemm's `quantized::linear_dynamic`, fp32 in and
-    out. --quant int8-dynamic: it reads weights at ~78 % of the memory bandwidth where the weight-only kernel reaches
-    ~53 % (cpu-performance.md, Phi-2 decode), at a real quality cost on models with outlier activations."""
+    out. --quant int8-dynamic: the fastest decode of the CPU modes (it reads the weights closer to the memory
+    bandwidth than the weight-only kernel; docs/quantization.md has the numbers), at a real quality cost on models
+    with outlier activations."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -188,13 +189,6 @@ class Int4Linear(nn.Module):
         if linear.bias is not None:
             q.bias = linear.bias.detach().to(torch.bfloat16).clone()
         return q
-
-    def dequantized_weight(self) -> Tensor:
-        """[N, K] fp32: what the kernel multiplies by, read back through the kernel itself (used by tests)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_int4pack, self.group_size,
-                                                         self.scales_and_zeros)  # [K, N]
-        return w_t.float().t()
 
     @property
     def weight_bytes(self) -> int:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tinygptv.data.datasets.scenes import shape_box, vqa_pairs
+from tinygptv.data.image_processor import ImageProcessor
+from tinygptv.data.scenes import draw_scene, make_scene
 from tinygptv.data.templates import single_prompt
 from tinygptv.model.tinygptv import IGNORE_INDEX
 
@@ -29,9 +32,6 @@ class QualityReport:
 def prompt_set(template: str, n_scenes: int = 6) -> list[tuple[object, str, str]]:
     """(image or None, prompt, answer): questions about held-out synthetic scenes (drawn in memory, so nothing is
     read from disk) and a few text-only turns. Fixed, so every mode is scored on the same tokens."""
-    from tinygptv.data.datasets.scenes import shape_box, vqa_pairs
-    from tinygptv.data.scenes import draw_scene, make_scene
-
     items = []
     for index in range(n_scenes):
         shapes = make_scene(0, "test", index)
@@ -47,9 +47,7 @@ def prompt_set(template: str, n_scenes: int = 6) -> list[tuple[object, str, str]
 @torch.inference_mode()
 def answer_logits(model, items) -> list[torch.Tensor]:
     """[T_i, V] fp32 logits predicting each answer token, one tensor per item."""
-    from tinygptv.serve.loading import image_processor_for
-
-    processor = image_processor_for(model)
+    processor = ImageProcessor(model.config.vision)
     out = []
     for image, prompt, answer in items:
         embeds = [model.encode_image(processor([image]))[0]] if image is not None else [None]

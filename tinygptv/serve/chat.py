@@ -7,21 +7,22 @@ from typing import Callable, TextIO
 
 import torch
 
-from tinygptv.data.templates import TEMPLATES, Conversation, with_task
+from tinygptv.data.image_processor import ImageProcessor
+from tinygptv.data.templates import TEMPLATES, Conversation, inference_template, with_task
+from tinygptv.model.generation import GenerationSettings
 from tinygptv.model.streaming import stream_generate
 from tinygptv.model.tinygptv import TinyGPTV
-from tinygptv.serve.loading import image_processor_for
 
 
 class ChatSession:
     """One conversation about at most one image. `template` defaults to the model's inference template: the official
     stage-3 demo format for stage-3 models, the training template otherwise."""
 
-    def __init__(self, model: TinyGPTV, template: str | None = None, **generate_kwargs):
+    def __init__(self, model: TinyGPTV, template: str | None = None, settings: GenerationSettings | None = None):
         self.model = model
-        self.processor = image_processor_for(model)
-        self.template = TEMPLATES[template or default_template(model)]
-        self.generate_kwargs = generate_kwargs
+        self.processor = ImageProcessor(model.config.vision)
+        self.template = TEMPLATES[template or inference_template(model.config.prompt.template)]
+        self.settings = settings or GenerationSettings()
         self.image_embeds: torch.Tensor | None = None  # [1, Q, D], cached across turns
         self.reset()
 
@@ -39,21 +40,15 @@ class ChatSession:
         self.conversation.add_user(with_task(question, task), with_image=first and self.image_embeds is not None)
         images = [self.image_embeds[0] if self.image_embeds is not None else None]
         prompt = self.conversation.prompt()
-        if self.generate_kwargs.get("num_beams", 1) > 1:  # transformers cannot stream beam search: one piece
-            answer = self.model.generate(None, [prompt], image_embeds=images, **self.generate_kwargs)[0]
+        if self.settings.num_beams > 1:  # transformers cannot stream beam search: one piece
+            answer = self.model.generate(None, [prompt], image_embeds=images, settings=self.settings)[0]
             if on_text is not None:
                 on_text(answer)
         else:
-            pieces = stream_generate(self.model, None, prompt, on_text=on_text, image_embeds=images,
-                                     **self.generate_kwargs)
+            pieces = stream_generate(self.model, None, prompt, self.settings, image_embeds=images, on_text=on_text)
             answer = "".join(pieces).strip()
         self.conversation.add_answer(answer)
         return answer
-
-
-def default_template(model: TinyGPTV) -> str:
-    name = model.config.prompt.template
-    return {"stage3": "stage3-demo", "none": "stage3-demo"}.get(name, name)
 
 
 HELP = "commands: /image PATH (new image, new conversation), /reset (forget the conversation), /quit"

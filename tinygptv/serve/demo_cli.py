@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from tinygptv.cli_options import add_model_args, generation_settings, load_for_args
+
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Add `demo` to the main parser's sub-parsers."""
-    from tinygptv.cli import _add_model_args
-
     p = subparsers.add_parser(
         "demo", help="chat about an image in a local web page (Gradio)",
         description="Start a web page to chat with a model about an image: upload an image, ask, and watch the answer "
@@ -25,22 +25,21 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                    help="also publish the page through a temporary public gradio.live link (off by default: anyone "
                         "with the link can use your model and machine)")
     p.add_argument("--open", action="store_true", help="open the page in a web browser once it is up")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_demo)
     return p
 
 
 def cmd_demo(args) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo reports nothing to anyone
-    from tinygptv.serve.web_demo import build_demo
+    from tinygptv.serve.web_demo import build_demo  # Gradio: only when the demo runs
 
-    from tinygptv.serve.loading import load_for_args
-
+    settings = generation_settings(args)
     model = load_for_args(args)
     demo = build_demo(
-        model, args.model, template=args.template, task=args.task, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature or 0.0, top_p=args.top_p, num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
+        model, args.model, template=args.template, task=args.task, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, top_p=settings.top_p, num_beams=settings.num_beams,
+        repetition_penalty=settings.repetition_penalty,
     )
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=args.open)
     return 0

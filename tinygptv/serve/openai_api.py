@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinygptv.data.image_processor import ImageProcessor
+from tinygptv.model.generation import GenerationSettings
 from tinygptv.serve.openai_schema import APIError, ChatRequest, Limits, build_prompt, parse_chat_request
 from tinygptv.serve.worker import Completion, GenerationWorker, Job, QueueFull
 
@@ -31,11 +32,9 @@ class ServeSettings:
     task: str | None = None  # a stage-4 task tag put before every user message, as `tinygptv chat --task`
     max_body_bytes: int = 20 * 2**20
     limits: Limits = field(default_factory=Limits)
-    # generate() defaults for what a request leaves out (temperature None: greedy)
-    temperature: float | None = None
-    top_p: float = 0.9
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
+    # decoding for what a request leaves out (temperature 0: greedy); num_beams and repetition_penalty are the
+    # server's alone (OpenAI's API has no field for them)
+    defaults: GenerationSettings = field(default_factory=GenerationSettings)
     queue_size: int = 16
     max_batch: int = 4
 
@@ -103,9 +102,9 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
         job = Job(prompt, pixels, _generate_settings(chat, settings, model), seed=chat.seed,
                   on_done=None, on_error=None)
         if chat.stream:
-            if settings.num_beams > 1:
-                raise APIError(400, f"this server runs beam search (--num-beams {settings.num_beams}), which cannot "
-                                    "stream; send stream=false", param="stream")
+            if settings.defaults.num_beams > 1:
+                raise APIError(400, f"this server runs beam search (--num-beams {settings.defaults.num_beams}), "
+                                    "which cannot stream; send stream=false", param="stream")
             return _stream(job, chat, worker, settings)
         return await _complete(job, worker, settings)
 
@@ -148,18 +147,13 @@ def _prepare(body, settings: ServeSettings, model, processor: ImageProcessor):
     return chat, prompt, pixels
 
 
-def _generate_settings(chat: ChatRequest, settings: ServeSettings, model) -> dict:
-    temperature = chat.temperature if chat.temperature is not None else settings.temperature
-    sampling = bool(temperature)  # 0 or unset: greedy
-    return dict(
-        max_new_tokens=chat.max_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else 1.0,
-        top_p=chat.top_p if chat.top_p is not None else settings.top_p,
-        num_beams=settings.num_beams,
-        repetition_penalty=settings.repetition_penalty,
-        stop_strings=[model.config.prompt.end_sym, *chat.stop],
-    )
+def _generate_settings(chat: ChatRequest, settings: ServeSettings, model) -> GenerationSettings:
+    changes = dict(max_new_tokens=chat.max_tokens, stop_strings=(model.config.prompt.end_sym, *chat.stop))
+    if chat.temperature is not None:
+        changes["temperature"] = chat.temperature
+    if chat.top_p is not None:
+        changes["top_p"] = chat.top_p
+    return settings.defaults.replace(**changes)
 
 
 def _submit(job: Job, worker: GenerationWorker) -> None:

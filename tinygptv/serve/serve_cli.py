@@ -7,13 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+from tinygptv.cli_options import add_model_args, generation_settings, load_for_args
+from tinygptv.data.templates import inference_template
+
 API_KEY_ENV = "TINYGPTV_API_KEY"
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add `serve` to the main parser's sub-parsers."""
-    from tinygptv.cli import _add_model_args
-
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible chat-completions server (POST /v1/chat/completions)",
         description="Serve a model over HTTP with OpenAI's chat-completions API, so the official `openai` client "
@@ -23,7 +24,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                     "with equal settings run as one batch. --max-new-tokens, --temperature and --top-p are the "
                     "defaults for requests that leave them out (temperature 0 or unset: greedy). docs/serve.md has "
                     "curl and Python examples.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface, "
                         "then set --api-key)")
@@ -59,7 +60,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    import uvicorn  # the command's imports wait for the command: `tinygptv --help` stays instant
 
     check_args(args)
     if args.threads is not None:
@@ -79,8 +80,6 @@ def cmd_serve(args) -> int:
 
 def load_serving_model(args):
     """The one place serve loads its model."""
-    from tinygptv.serve.loading import load_for_args
-
     return load_for_args(args)
 
 
@@ -100,12 +99,12 @@ def check_args(args) -> None:
         raise ValueError(f"--allow-local-files {args.allow_local_files}: not a folder")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    generation_settings(args)
 
 
 def app_from_args(model, args):
     """The FastAPI app for a loaded model and parsed `serve` flags (tests build their server this way too)."""
-    from tinygptv.serve.chat import default_template
-    from tinygptv.serve.openai_api import ServeSettings, create_app
+    from tinygptv.serve.openai_api import ServeSettings, create_app  # FastAPI: only when serving
     from tinygptv.serve.openai_schema import Limits
 
     check_args(args)
@@ -119,16 +118,13 @@ def app_from_args(model, args):
     )
     settings = ServeSettings(
         model_id=model_id,
-        template=args.template or default_template(model),
+        template=args.template or inference_template(model.config.prompt.template),
         aliases=tuple(dict.fromkeys(a for a in [*args.model_alias, args.model] if a != model_id)),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         task=args.task,
         max_body_bytes=int(args.max_body_mb * 2**20),
         limits=limits,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
+        defaults=generation_settings(args),
         queue_size=args.queue_size,
         max_batch=args.max_batch_size,
     )

@@ -11,19 +11,12 @@ import gradio as gr
 from PIL import Image
 
 from tinygptv.data.templates import TASK_TAGS, with_task
+from tinygptv.model.generation import GenerationSettings
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.serve.chat import ChatSession
 from tinygptv.serve.draw import draw_on
 
 NO_TASK = "none"
-
-
-def generation_settings(temperature: float, top_p: float, num_beams: int, max_new_tokens: int,
-                        repetition_penalty: float = 1.0) -> dict:
-    """The UI's controls as TinyGPTV.generate keywords. Temperature 0 means greedy, as the CLI's default."""
-    sampling = temperature > 0
-    return dict(max_new_tokens=int(max_new_tokens), do_sample=sampling, temperature=temperature if sampling else 1.0,
-                top_p=top_p, num_beams=int(num_beams), repetition_penalty=repetition_penalty)
 
 
 class DemoBackend:
@@ -66,8 +59,9 @@ class DemoBackend:
         if session is None:
             session = self.new_session(image)
         task = None if task in (None, "", NO_TASK) else task
-        session.generate_kwargs = generation_settings(temperature, top_p, num_beams, max_new_tokens,
-                                                      self.repetition_penalty)
+        session.settings = GenerationSettings(  # the page's controls; temperature 0 is greedy, as on the CLI
+            max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+            num_beams=int(num_beams), repetition_penalty=self.repetition_penalty)
         history = history + [{"role": "user", "content": _shown(with_task(question, task))},
                              {"role": "assistant", "content": ""}]
         started = time.perf_counter()

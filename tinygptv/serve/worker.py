@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from tinygptv.data.templates import IMAGE_PLACEHOLDER
+from tinygptv.model.generation import GenerationSettings
 from tinygptv.model.streaming import stream_generate
 
 
@@ -29,12 +30,11 @@ class Completion:
 
 @dataclass(eq=False)
 class Job:
-    """One request. `settings` are TinyGPTV.generate keyword arguments (max_new_tokens and stop_strings included).
-    The callbacks run on the worker thread; they must hand the result over, not do work."""
+    """One request. The callbacks run on the worker thread; they must hand the result over, not do work."""
 
     prompt: str
     pixels: torch.Tensor | None  # [1, 3, S, S], or None for a text-only conversation
-    settings: dict
+    settings: GenerationSettings
     on_done: Callable[[Completion], None]
     on_error: Callable[[BaseException], None]
     on_text: Callable[[str], None] | None = None  # set: stream the answer piece by piece
@@ -45,14 +45,7 @@ class Job:
         """Jobs with equal keys can share one generate() call; streaming and seeded jobs run alone."""
         if self.on_text is not None or self.seed is not None:
             return None
-        return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.settings.items()))
-
-
-@dataclass
-class WorkerStats:
-    served: int = 0
-    batches: int = 0
-    largest_batch: int = 0
+        return self.settings
 
 
 class GenerationWorker:
@@ -66,7 +59,6 @@ class GenerationWorker:
         self.max_batch = max_batch
         self.cached_images = cached_images
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()  # sha256 of pixels -> [Q, D], LRU
-        self.stats = WorkerStats()
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -122,9 +114,6 @@ class GenerationWorker:
             except Exception as e:  # one bad request must not stop the server
                 for job in jobs:
                     _call(job.on_error, e)
-            self.stats.served += len(jobs)
-            self.stats.batches += 1
-            self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
 
     def _take(self) -> list[Job]:
         """The oldest job, plus the waiting jobs it can share a batch with (they move ahead of the others)."""
@@ -161,7 +150,7 @@ class GenerationWorker:
         embeds = [self._embed(job) for job in jobs]
         if jobs[0].seed is not None:
             torch.manual_seed(jobs[0].seed)
-        texts = self.model.generate(None, [job.prompt for job in jobs], image_embeds=embeds, **jobs[0].settings)
+        texts = self.model.generate(None, [job.prompt for job in jobs], image_embeds=embeds, settings=jobs[0].settings)
         for job, embed, text in zip(jobs, embeds, texts):
             _call(job.on_done, self._completion(job, embed, text))
 
@@ -173,7 +162,7 @@ class GenerationWorker:
         pieces = []
         # stream_generate must be read to the end even if the client has gone: its generation thread would otherwise
         # still be using the model when the next job starts.
-        for piece in stream_generate(self.model, None, job.prompt, image_embeds=[embed], **job.settings):
+        for piece in stream_generate(self.model, None, job.prompt, job.settings, image_embeds=[embed]):
             pieces.append(piece)
             text = strip.feed(piece)
             if text and not job.cancelled:
@@ -186,7 +175,7 @@ class GenerationWorker:
         prompt_tokens += int(self.model.config.prompt.bos_at_inference)
         prompt_tokens += 0 if embed is None else embed.shape[0] * (len(pieces) - 1)
         answer_tokens = len(self.model.tokenize(text)) if text else 0
-        length = answer_tokens >= job.settings["max_new_tokens"]
+        length = answer_tokens >= job.settings.max_new_tokens
         return Completion(text, prompt_tokens, answer_tokens, "length" if length else "stop")
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
-from tinygptv.atomic import staging_dir
+from tinygptv.atomic import writing_dir
+from tinygptv.checkpoint.native import save_pretrained
 
 PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.pt"
+CHECKPOINT_ENTRIES = ("model", STATE_NAME)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -22,16 +24,9 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, model, base_model: str, trainer_state: dict, keep: int) -> Path:
     final = checkpoint_dir(run_dir, step)
-    tmp = staging_dir(final)
-    try:
-        model.save_pretrained(tmp / "model", trainable_only=True, base_model=portable_base(base_model, final / "model"))
+    with writing_dir(final, lambda name: name in CHECKPOINT_ENTRIES, what="training checkpoint") as tmp:
+        save_pretrained(model, tmp / "model", trainable_only=True, base_model=portable_base(base_model, final / "model"))
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_NAME)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tinygptv.checkpoint.native import collect_state, save_pretrained
 from tinygptv.data.datasets import DATASETS
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import TEMPLATES
 from tinygptv.train import distributed
 from tinygptv.train.batches import Batch, MixedBatches, PromptRenderer
 from tinygptv.train.checkpointing import (
-    list_checkpoints, load_trainer_state, restore_rng, save_checkpoint,
+    list_checkpoints, load_trainer_state, portable_base, restore_rng, save_checkpoint,
 )
 from tinygptv.train.recipe import Recipe, recipe_dict
 from tinygptv.train.schedule import learning_rate
@@ -97,7 +98,7 @@ class Trainer:
         """A start model whose frozen weights exist nowhere else (a random preset) is saved once, in full."""
         base = self.run_dir / "base"
         if self.dist.is_main and not (base / "config.json").is_file():
-            self.model.save_pretrained(base)
+            save_pretrained(self.model, base)
         distributed.barrier(self.dist)
         return str(base)
 
@@ -110,8 +111,6 @@ class Trainer:
         else:
             checkpoint = Path(resume)
         state = load_trainer_state(checkpoint)
-        from tinygptv.checkpoint.native import collect_state
-
         _, weights = collect_state(checkpoint / "model")
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         missing = trainable - set(weights)
@@ -264,9 +263,7 @@ class Trainer:
     def save_final(self) -> None:
         if self.dist.is_main:
             final = self.run_dir / "final"
-            from tinygptv.train.checkpointing import portable_base
-
-            self.model.save_pretrained(final, trainable_only=True, base_model=portable_base(self.base, final))
+            save_pretrained(self.model, final, trainable_only=True, base_model=portable_base(self.base, final))
             (self.run_dir / "recipe.json").write_text(json.dumps(recipe_dict(self.recipe), indent=2) + "\n")
             print(f"final model: {final}", file=sys.stderr)
         distributed.barrier(self.dist)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tinygptv.checkpoint.hub import resolve_model_dir
+from tinygptv.config import TinyGPTVConfig
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.train.recipe import Recipe
 from tinygptv.train.start import start_config
@@ -18,9 +20,6 @@ PROMPT_TOKENS = 64
 def plan_memory(recipe: Recipe, half_bytes: int = 2) -> dict:
     base_config = None
     if recipe.model.init_from and not recipe.model.preset:
-        from tinygptv.checkpoint.hub import resolve_model_dir
-        from tinygptv.config import TinyGPTVConfig
-
         base_config = TinyGPTVConfig.load(resolve_model_dir(recipe.model.init_from) / "config.json")
     config = start_config(recipe, base_config)
     with torch.device("meta"):

@@ -13,9 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from tinygptv.atomic import write_json_atomic
+from tinygptv.checkpoint.backbones import build_from_backbones
+from tinygptv.checkpoint.loading import load_model
+from tinygptv.config import preset
+from tinygptv.data.templates import single_prompt
 
 # "France" is left out on purpose: the model card's text-only check asks for its capital.
 COUNTRIES = ("Italy", "Spain", "Germany", "Japan", "Canada", "Egypt", "Brazil", "India", "Kenya", "Norway",
@@ -67,8 +72,6 @@ def chat_prompts() -> list[str]:
 
 def text_turns(model, prompts) -> list[str]:
     """Each prompt as a text-only user turn in the model's own template."""
-    from tinygptv.data.templates import single_prompt
-
     return [single_prompt(model.config.prompt.template, p, with_image=False) for p in prompts]
 
 
@@ -127,14 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a model folder or Hub id instead of the untrained nano backbones (the reference)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
-    import torch
-
-    from tinygptv.serve.loading import load_model
-
     if args.model is None:
-        from tinygptv.checkpoint.backbones import build_from_backbones
-        from tinygptv.config import preset
-
         model = build_from_backbones(preset("nano")).eval()
     else:
         model = load_model(args.model)

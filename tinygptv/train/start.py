@@ -7,12 +7,15 @@ from typing import Any, Mapping
 
 import torch
 
+from tinygptv.checkpoint.backbones import build_from_backbones
 from tinygptv.checkpoint.hub import resolve_model_dir
-from tinygptv.checkpoint.native import CheckpointError, align_lora_names, collect_state
+from tinygptv.checkpoint.loading import resolve_name
+from tinygptv.checkpoint.native import CheckpointError, collect_state, load_tokenizer
 from tinygptv.config import TinyGPTVConfig, preset
 from tinygptv.data.tokenizer import byte_level_tokenizer
-from tinygptv.model.tinygptv import TinyGPTV, load_tokenizer
+from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.vision.eva_vit import interpolate_pos_embed
+from tinygptv.model.weights import align_lora_names
 from tinygptv.train.recipe import Recipe
 
 
@@ -44,14 +47,10 @@ def build_start_model(recipe: Recipe) -> tuple[TinyGPTV, str | None]:
     src = recipe.model
     directory, state, base_config = None, None, None
     if src.init_from:
-        from tinygptv.serve.loading import resolve_name
-
         directory = resolve_model_dir(resolve_name(src.init_from))
         base_config, state = collect_state(directory)
     config = start_config(recipe, base_config)
     if src.backbones:
-        from tinygptv.checkpoint.backbones import build_from_backbones
-
         model, base = build_from_backbones(config), "backbones"
     else:
         tokenizer = load_tokenizer(directory) if directory is not None else None

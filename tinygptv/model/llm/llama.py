@@ -1,20 +1,15 @@
-# A Llama-family language model (SmolLM2, TinyLlama, ...) with TinyGPT-V's extra norms as options: per-head Q/K
-# LayerNorm before the rotary embedding and an RMSNorm on the attention output. Sits at the end of the data path:
-# spliced text + image embeddings -> this LM -> next-token logits. Generation and caches come from transformers.
+# A Llama-family language model (SmolLM2, TinyLlama, ...) with TinyGPT-V's extra norms as options, each a subclass
+# that calls its parent and adds only what differs: per-head Q/K LayerNorm before the rotary embedding and an RMSNorm
+# on the attention output. End of the data path: spliced embeddings -> this LM -> logits (generation: transformers).
 from __future__ import annotations
 
 from torch import nn
 from transformers import LlamaConfig
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
-    LlamaMLP,
-    LlamaModel,
-    LlamaPreTrainedModel,
     LlamaRMSNorm,
-    LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
 
@@ -82,16 +77,12 @@ class TinyGPTVLlamaAttention(LlamaAttention):
 
 
 class TinyGPTVLlamaDecoderLayer(LlamaDecoderLayer):
-    """Llama's sequential block, x + post_layernorm(attn(input_layernorm(x))) then + mlp(post_attention_layernorm(.)):
-    the added RMSNorm touches the attention output only, before the residual add (the paper's figure)."""
+    """Llama's sequential block with TinyGPT-V's RMSNorm on the attention output, before the residual add (the
+    paper's figure): x + post_layernorm(attn(input_layernorm(x))), then + mlp(post_attention_layernorm(.))."""
 
     def __init__(self, config: LlamaConfig, layer_idx: int):
-        GradientCheckpointingLayer.__init__(self)
-        self.hidden_size = config.hidden_size
+        super().__init__(config, layer_idx)
         self.self_attn = TinyGPTVLlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_layernorm = (
             LlamaRMSNorm(config.hidden_size, eps=config.rmsnorm_eps) if config.attn_output_rmsnorm else nn.Identity()
         )
@@ -111,35 +102,20 @@ class TinyGPTVLlamaDecoderLayer(LlamaDecoderLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-class TinyGPTVLlamaModel(LlamaModel):
-    def __init__(self, config: LlamaConfig):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [TinyGPTVLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
-
-
 class TinyGPTVLlamaForCausalLM(LlamaForCausalLM):
-    """LlamaForCausalLM (loss, generation, caches from transformers) around the TinyGPT-V block.
+    """LlamaForCausalLM (loss, generation, caches from transformers) with TinyGPT-V's block in every layer.
 
     With tied embeddings the state dict has no `lm_head.weight`: it is the embedding matrix, so a file never stores
     it twice (safetensors refuses shared tensors) and a strict load into a meta-built model re-ties the two."""
 
+    _no_split_modules = ["TinyGPTVLlamaDecoderLayer"]
     _can_record_outputs = {"hidden_states": TinyGPTVLlamaDecoderLayer, "attentions": TinyGPTVLlamaAttention}
 
     def __init__(self, config: LlamaConfig):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = TinyGPTVLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+        super().__init__(config)
+        for i in range(config.num_hidden_layers):  # one at a time: the stock layer is freed as it is replaced
+            self.model.layers[i] = TinyGPTVLlamaDecoderLayer(config, i)
+        self.post_init()  # initialises what the replacement added (transformers skips what it already did)
         if config.tie_word_embeddings:
             self.register_state_dict_post_hook(_drop_tied_head)
             self._register_load_state_dict_pre_hook(_alias_tied_head, with_module=True)
@@ -165,7 +141,7 @@ def build_llama(cfg: LLMConfig) -> TinyGPTVLlamaForCausalLM:
     return TinyGPTVLlamaForCausalLM(llama_config(cfg))
 
 
-# What the TinyGPT-V recipe trains besides LoRA: the weight of every norm (spec 2.3), named as in Llama.
+# What the TinyGPT-V recipe trains besides LoRA: the weight of every norm, named as in Llama.
 LLAMA_TRAINABLE_NORMS = ("q_layernorm.weight", "k_layernorm.weight", "post_layernorm.weight",
                          "input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight")
 # Norms TinyGPT-V adds: absent from the pretrained LM's weights, initialised fresh.

@@ -1,23 +1,13 @@
-# The TinyGPT-V language model: transformers' Phi with the fused (head, q/k/v, dim) QKV of the transformers-4.36
-# layout, per-head Q/K LayerNorm before the partial rotary embedding, and an RMSNorm on the attention branch only.
-# Sits at the end of the data path: spliced text + image embeddings -> this LM -> next-token logits.
+# The TinyGPT-V language model: transformers' Phi with three changes, each a subclass that calls its parent and
+# alters only what differs: q/k/v fused in the official (head, q/k/v, dim) row order, the per-head Q/K LayerNorm
+# switched on, and an RMSNorm on the attention branch. End of the data path: spliced embeddings -> LM -> logits.
 from __future__ import annotations
 
 import torch
 from torch import nn
 from transformers import PhiConfig
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
-from transformers.models.phi.modeling_phi import (
-    PhiAttention,
-    PhiDecoderLayer,
-    PhiForCausalLM,
-    PhiMLP,
-    PhiModel,
-    PhiPreTrainedModel,
-    PhiRotaryEmbedding,
-    apply_rotary_pos_emb,
-)
+from transformers.models.phi.modeling_phi import PhiAttention, PhiDecoderLayer, PhiForCausalLM, apply_rotary_pos_emb
 
 from tinygptv.config import LLMConfig
 from tinygptv.model.llm.attention import attend
@@ -54,33 +44,32 @@ def phi_config(cfg: LLMConfig, attn_implementation: str = "sdpa") -> PhiConfig:
     return config
 
 
-class FusedQKVPhiAttention(PhiAttention):
-    """Phi attention with one `query_key_value` Linear whose rows are ordered (head, q/k/v, head_dim), as in
-    transformers 4.36 and the official checkpoints. Keeping it fused keeps LoRA exactly as TinyGPT-V trains it: one
-    A matrix shared by q, k and v (31,457,280 LoRA parameters, not the 41.9 M of separate q/k/v adapters)."""
+def fuse_qkv(q: nn.Linear, k: nn.Linear, v: nn.Linear, num_heads: int) -> nn.Linear:
+    """One Linear whose output rows are ordered (head, q/k/v, head_dim), the transformers-4.36 layout of the official
+    checkpoints, made from three separate projections (their start values, rearranged: no new random draws)."""
+    hidden = q.in_features
+    fused = nn.Linear(hidden, 3 * q.out_features, bias=True, device="meta")
+    weight = torch.stack([p.weight.view(num_heads, -1, hidden) for p in (q, k, v)], dim=1)  # [H, 3, Dh, hidden]
+    bias = torch.stack([p.bias.view(num_heads, -1) for p in (q, k, v)], dim=1)  # [H, 3, Dh]
+    fused.weight = nn.Parameter(weight.reshape(-1, hidden))
+    fused.bias = nn.Parameter(bias.reshape(-1))
+    return fused
+
+
+class TinyGPTVPhiAttention(PhiAttention):
+    """Phi attention with q/k/v fused into one `query_key_value` (rows ordered head, q/k/v, head_dim), as in the
+    official checkpoints. Fused, LoRA is exactly TinyGPT-V's: one A matrix shared by q, k and v (31,457,280 LoRA
+    parameters, not the 41.9 M of separate q/k/v adapters). The per-head Q/K LayerNorm (config.qk_layernorm) is the
+    parent's."""
 
     def __init__(self, config: PhiConfig, layer_idx: int):
-        nn.Module.__init__(self)
-        self.config = config
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.num_heads
-        self.num_key_value_groups = 1
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
-        self.rotary_ndims = int(self.head_dim * config.rope_parameters["partial_rotary_factor"])
-        self.qk_layernorm = config.qk_layernorm
-        if self.qk_layernorm:
-            # One LayerNorm(head_dim) per role, its weights shared by every head.
-            self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
-            self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+        super().__init__(config, layer_idx)
+        self.query_key_value = fuse_qkv(self.q_proj, self.k_proj, self.v_proj, config.num_attention_heads)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         batch, seq = hidden_states.shape[:2]
-        qkv = self.query_key_value(hidden_states).view(batch, seq, self.num_heads, 3, self.head_dim)
+        qkv = self.query_key_value(hidden_states).view(batch, seq, -1, 3, self.head_dim)  # [B, S, H, 3, Dh]
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, H, S, Dh]
         if self.qk_layernorm:
             query = self.q_layernorm(query)
@@ -97,18 +86,16 @@ class FusedQKVPhiAttention(PhiAttention):
 
 
 class TinyGPTVPhiDecoderLayer(PhiDecoderLayer):
-    """Phi's parallel block, x + drop(post_layernorm(attn(ln(x)))) + drop(mlp(ln(x))): the RMSNorm touches the
-    attention branch only (the paper's figure draws it sequentially; the official code is parallel)."""
+    """Phi's parallel block with an RMSNorm on the attention branch only:
+    x + drop(post_layernorm(attn(ln(x)))) + drop(mlp(ln(x))). (The paper's figure draws it sequentially; the official
+    code is parallel.)"""
 
     def __init__(self, config: PhiConfig, layer_idx: int):
-        GradientCheckpointingLayer.__init__(self)
-        self.self_attn = FusedQKVPhiAttention(config, layer_idx)
-        self.mlp = PhiMLP(config)
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        super().__init__(config, layer_idx)
+        self.self_attn = TinyGPTVPhiAttention(config, layer_idx)
         self.post_layernorm = (
             LlamaRMSNorm(config.hidden_size, eps=config.rmsnorm_eps) if config.attn_output_rmsnorm else nn.Identity()
         )
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -128,34 +115,18 @@ class TinyGPTVPhiDecoderLayer(PhiDecoderLayer):
         return attn + mlp + residual
 
 
-class TinyGPTVPhiModel(PhiModel):
-    def __init__(self, config: PhiConfig):
-        PhiPreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [TinyGPTVPhiDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.rotary_emb = PhiRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.embed_dropout = nn.Dropout(config.embd_pdrop)
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_init()
-
-
 class TinyGPTVPhiForCausalLM(PhiForCausalLM):
-    """PhiForCausalLM (loss, generation, caches all from transformers) around the TinyGPT-V block."""
+    """PhiForCausalLM (loss, generation, caches all from transformers) with TinyGPT-V's block in every layer."""
 
-    _tied_weights_keys = {}
-    _can_record_outputs = {"hidden_states": TinyGPTVPhiDecoderLayer, "attentions": FusedQKVPhiAttention}
+    _tied_weights_keys = {}  # Phi-2's head is its own matrix
+    _no_split_modules = ["TinyGPTVPhiDecoderLayer"]
+    _can_record_outputs = {"hidden_states": TinyGPTVPhiDecoderLayer, "attentions": TinyGPTVPhiAttention}
 
     def __init__(self, config: PhiConfig):
-        PhiPreTrainedModel.__init__(self, config)
-        self.model = TinyGPTVPhiModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
-        self.post_init()
+        super().__init__(config)
+        for i in range(config.num_hidden_layers):  # one at a time: the stock layer is freed as it is replaced
+            self.model.layers[i] = TinyGPTVPhiDecoderLayer(config, i)
+        self.post_init()  # initialises what the replacement added (transformers skips what it already did)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -169,7 +140,7 @@ def build_phi(cfg: LLMConfig) -> TinyGPTVPhiForCausalLM:
     return TinyGPTVPhiForCausalLM(phi_config(cfg))
 
 
-# Parameter names the TinyGPT-V recipe trains besides LoRA (spec 2.3): the weights of every norm.
+# Parameter names the TinyGPT-V recipe trains besides LoRA: the weights of every norm.
 PHI_TRAINABLE_NORMS = ("q_layernorm.weight", "k_layernorm.weight", "post_layernorm.weight",
                        "input_layernorm.weight", "final_layernorm.weight")
 # Norms TinyGPT-V adds to Phi-2: absent from Phi-2 files, initialised fresh.

@@ -144,11 +144,4 @@ def grid_position_code(g: int, frequencies: int, like: Tensor) -> Tensor:
     return torch.cat([rows, cols])[None]
 
 
-def imagenet_logits(model: EfficientNetLite0, fc_weight: Tensor, fc_bias: Tensor, pixel_values: Tensor) -> Tensor:
-    """The package's own ImageNet head on our features (global average pool -> `_fc`), used only to check that the
-    loaded weights are the real classifier; the TinyGPT-V path never calls it."""
-    pooled = model(pixel_values)[..., :HEAD_CHANNELS].mean(dim=1)  # [B, 1280]
-    return F.linear(pooled, fc_weight.to(pooled.dtype), fc_bias.to(pooled.dtype))  # [B, 1000]
-
-
-__all__ = ["EfficientNetLite0", "imagenet_logits", "grid_position_code", "LITE0_STAGES"]
+__all__ = ["EfficientNetLite0", "grid_position_code", "LITE0_STAGES"]

