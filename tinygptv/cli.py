@@ -10,11 +10,10 @@ from pathlib import Path
 from tinygptv.data.templates import TASK_TAGS, TEMPLATES
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from tinygptv.checkpoint.release import MODEL_NAMES_HELP
     from tinygptv.serve.loading import DEFAULT_MODEL, add_precision_args
 
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a model folder in our format, a Hugging Face Hub id, or a preset name (random weights); "
-                        f"default: {DEFAULT_MODEL}")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_NAMES_HELP}; default: {DEFAULT_MODEL}")
     add_precision_args(p)
     p.add_argument("--template", choices=TEMPLATES.names(), default=None,
                    help="prompt template (default: the one the model was trained with)")
@@ -110,9 +109,9 @@ def cmd_convert(args) -> int:
 
     convert_official(
         args.official_ckpt, args.phi2, args.eva, args.blip2, args.out,
-        stage=args.stage, image_size=args.image_size,
+        stage=args.stage, image_size=args.image_size, vit_heads=args.vit_heads, vit_depth=args.vit_depth,
+        qformer_heads=args.qformer_heads, lora_alpha=args.lora_alpha,
     )
-    print(f"wrote {args.out}")
     return 0
 
 
@@ -190,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build our model folder from an official TinyGPT-V_for_StageN.pth, a Phi-2 folder (the "
                     "transformers-4.36 layout or today's microsoft/phi-2), LAVIS eva_vit_g.pth and "
                     "blip2_pretrained_flant5xxl.pth. Every tensor of every file is used or reported as skipped on "
-                    "purpose; anything else is an error that names it.")
-    p.add_argument("--official-ckpt", required=True, type=Path)
+                    "purpose; anything else is an error that names it. Sizes are read from the files; what no shape "
+                    "shows (head counts, the EVA blocks kept, LoRA alpha) defaults to the release's values, so files "
+                    "of other sizes need --vit-heads / --vit-depth / --qformer-heads. `tinygptv fetch --stage N` "
+                    "downloads the release and runs this for you.")
+    p.add_argument("--official-ckpt", required=True, type=Path, help="TinyGPT-V_for_StageN.pth")
     p.add_argument("--phi2", required=True, type=Path, help="Phi-2 folder (config.json, weights, tokenizer)")
     p.add_argument("--eva", required=True, type=Path, help="eva_vit_g.pth")
     p.add_argument("--blip2", required=True, type=Path, help="blip2_pretrained_flant5xxl.pth")
@@ -199,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="which stage the checkpoint is (sets image size "
                                                                   "and template; read from the file when possible)")
     p.add_argument("--image-size", type=int, help="override the image size (224 for stages 1-3, 448 for stage 4)")
+    # What no tensor shape reveals. The defaults are the release's derivations, right for the real files only.
+    p.add_argument("--vit-heads", type=int, help="EVA ViT attention heads (default: width / 88, as LAVIS builds "
+                                                 "it: 16 for EVA-g's 1408)")
+    p.add_argument("--vit-depth", type=int, help="EVA blocks to keep (default: all but the last, as TinyGPT-V uses "
+                                                 "39 of eva_vit_g.pth's 40)")
+    p.add_argument("--qformer-heads", type=int, help="Q-Former attention heads (default: width / 64, BERT-base's "
+                                                     "12 for 768)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: the checkpoint's run config, else 16 as "
+                                                  "every official config)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -231,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     from tinygptv.bench.cli import add_bench_parser
+    from tinygptv.checkpoint.fetch_cli import add_fetch_parser
     from tinygptv.eval.cli import add_eval_parser
     from tinygptv.quant.cli import add_quantize_parser
     from tinygptv.serve.demo_cli import add_demo_parser
@@ -241,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_quantize_parser(sub)
     add_bench_parser(sub)
+    add_fetch_parser(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add `eval` (and its `score` sub-command) to the main parser's sub-parsers."""
+    from tinygptv.checkpoint.release import MODEL_NAMES_HELP
     from tinygptv.data.templates import TEMPLATES
     from tinygptv.eval import BENCHMARKS
     from tinygptv.serve.loading import add_precision_args
@@ -26,8 +27,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="image folder, when the images are not where the layout puts them")
     p.add_argument("--split", help="sub-split: refcoco/refcoco+ val|testA|testB, refcocog val|test, "
                                    "hm dev|dev_seen|dev_unseen (default: all / the official one)")
-    p.add_argument("--model", default=None, help="a model folder, Hub id or preset name (default: the package's "
-                                                 "default model)")
+    p.add_argument("--model", default=None, help=f"{MODEL_NAMES_HELP} (default: the package's default model)")
     add_precision_args(p)
     p.add_argument("--template", choices=TEMPLATES.names(), default=None,
                    help="prompt template (default: 'eval', the official benchmark template, for official-style "
