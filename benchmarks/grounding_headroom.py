@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.scenes import COLOURS, SHAPES, SIZE, Shape, draw_scene, make_scene
 from tinygptv.eval.refcoco import iou
-from tinygptv.serve.loading import image_processor_for
 from tinygptv.train.recipe import Schedule, load_recipe
 from tinygptv.train.schedule import learning_rate
 from tinygptv.train.start import build_start_model
@@ -56,7 +56,7 @@ class ReferHead(nn.Module):
 
 
 def tower_tokens(model, split: str, count: int) -> tuple[torch.Tensor, list[list[Shape]]]:
-    process = image_processor_for(model)
+    process = ImageProcessor(model.config.vision)
     scenes = [make_scene(0, split, i) for i in range(count)]
     chunks = []
     with torch.inference_mode():

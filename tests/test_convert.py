@@ -392,6 +392,16 @@ def test_phi2_problems_name_the_key(tmp_path, layout, edit, message):
         _plan(files)
 
 
+def test_null_bos_and_eos_in_phi2_config_fall_back_to_endoftext():
+    """Some microsoft/phi-2 revisions write "bos_token_id": null and "eos_token_id": null."""
+    from official_fixtures import phi2_config
+    from tinygptv.checkpoint.phi2 import llm_config_from_phi2
+
+    raw = {**phi2_config(TINY, layout="split"), "bos_token_id": None, "eos_token_id": None}
+    cfg = llm_config_from_phi2(raw, "config.json")
+    assert cfg.bos_token_id == cfg.eos_token_id == cfg.pad_token_id == LLMConfig().eos_token_id
+
+
 def test_phi2_rotary_buffers_are_skipped_and_listed(tmp_path):
     phi = read_phi2(write_phi2(tmp_path / "phi", edit=_add("model.layers.0.self_attn.rotary_emb.inv_freq", (8,))))
     assert list(phi.report.skipped.values()) == [["model.layers.0.self_attn.rotary_emb.inv_freq"]]

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from tinygptv.bench.cli import add_bench_parser
+from tinygptv.checkpoint.fetch_cli import add_fetch_parser
 from tinygptv.cli_options import add_model_args, generation_settings, load_for_args
 from tinygptv.config import PRESETS
 from tinygptv.eval.cli import add_eval_parser
@@ -113,9 +114,9 @@ def cmd_convert(args) -> int:
 
     convert_official(
         args.official_ckpt, args.phi2, args.eva, args.blip2, args.out,
-        stage=args.stage, image_size=args.image_size, overwrite=args.overwrite,
+        stage=args.stage, image_size=args.image_size, vit_heads=args.vit_heads, vit_depth=args.vit_depth,
+        qformer_heads=args.qformer_heads, lora_alpha=args.lora_alpha, overwrite=args.overwrite,
     )
-    print(f"wrote {args.out}")
     return 0
 
 
@@ -201,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "convert", "convert the official TinyGPT-V release into our format",
         "Build our model folder from an official TinyGPT-V_for_StageN.pth, a Phi-2 folder (the transformers-4.36 "
         "layout or today's microsoft/phi-2), LAVIS eva_vit_g.pth and blip2_pretrained_flant5xxl.pth. Every tensor "
-        "of every file is used or reported as skipped on purpose; anything else is an error that names it.",
+        "of every file is used or reported as skipped on purpose; anything else is an error that names it. Sizes "
+        "are read from the files; what no shape shows (head counts, the EVA blocks kept, LoRA alpha) defaults to "
+        "the release's values, so files of other sizes need --vit-heads / --vit-depth / --qformer-heads. "
+        "`tinygptv fetch --stage N` downloads the release and runs this for you.",
         "tinygptv convert --official-ckpt TinyGPT-V_for_Stage3.pth --phi2 phi-2/ --eva eva_vit_g.pth "
         "--blip2 blip2_pretrained_flant5xxl.pth --out models/tinygptv-stage3")
     p.add_argument("--official-ckpt", required=True, type=Path, metavar="PTH",
@@ -215,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="override the image size (224 for stages 1-3, 448 for stage 4)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out even if it holds files convert did not write (they are kept)")
+    # What no tensor shape reveals. The defaults are the release's derivations, right for the real files only.
+    p.add_argument("--vit-heads", type=int, help="EVA ViT attention heads (default: width / 88, as LAVIS builds "
+                                                 "it: 16 for EVA-g's 1408)")
+    p.add_argument("--vit-depth", type=int, help="EVA blocks to keep (default: all but the last, as TinyGPT-V uses "
+                                                 "39 of eva_vit_g.pth's 40)")
+    p.add_argument("--qformer-heads", type=int, help="Q-Former attention heads (default: width / 64, BERT-base's "
+                                                     "12 for 768)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: the checkpoint's run config, else 16 as "
+                                                  "every official config)")
     p.set_defaults(func=cmd_convert)
 
     p = subcommand(
@@ -259,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_quantize_parser(sub)
     add_bench_parser(sub)
+    add_fetch_parser(sub)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from tinygptv.checkpoint.release import MODEL_NAMES_HELP
 from tinygptv.config import DEFAULT_MODEL
 from tinygptv.data.templates import TASK_TAGS, TEMPLATES
 from tinygptv.model.generation import GenerationSettings
@@ -30,9 +31,7 @@ def add_precision_args(p: argparse.ArgumentParser) -> None:
 
 def add_model_args(p: argparse.ArgumentParser, *, generation: bool = True) -> None:
     """--model and the precision options; with `generation`, also the prompt and decoding options."""
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a model folder in our format, a Hugging Face Hub id (owner/name), or a preset name "
-                        f"(random weights, for trying the pipeline); default: {DEFAULT_MODEL}, the bundled model")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_NAMES_HELP}; default: {DEFAULT_MODEL}")
     add_precision_args(p)
     if not generation:
         return

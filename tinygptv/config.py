@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,15 @@ from typing import Any
 from tinygptv.registry import Registry
 
 DEFAULT_MODEL = "tinygptv-nano"  # the model every inference command uses without --model: bundled with the package
+CACHE_ENV = "TINYGPTV_CACHE"
+
+
+def cache_dir() -> Path:
+    """The one cache folder for converted weights (SmolLM2's GGUF, the official release): $TINYGPTV_CACHE, else
+    ~/.cache/tinygptv."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tinygptv").expanduser()
+
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

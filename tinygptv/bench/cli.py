@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tinygptv.atomic import write_json_atomic
+from tinygptv.checkpoint.release import PRESET_PREFIX
 from tinygptv.config import PRESETS
 from tinygptv.quant.modes import QUANT_MODES, modes_for
 
@@ -47,7 +48,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "speed-up. Prints a table, writes JSON; never fails on a slow number. docs/bench.md explains "
                     "every column.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a model folder of ours, a Hub id or a bundled model name")
+    src.add_argument("--model", help="a model folder of ours, a Hub id, a bundled model name or tinygptv-stage1..4 "
+                                      "(the official release, after `tinygptv fetch --stage N`)")
     src.add_argument("--preset", choices=PRESETS.names(),
                      help=f"a preset with random weights (default: {DEFAULT_PRESET}, the full-size model)")
     p.add_argument("--quant", type=quant_list, default=None,
@@ -89,8 +91,9 @@ def settings_from_args(args):
     if args.bandwidth_gib <= 0:
         raise ValueError("--bandwidth-gib must be positive")
     return Settings(
-        model=args.model or args.preset or DEFAULT_PRESET, quant=args.quant or list(modes_for(args.device)),
-        image_size=args.image_size, image=args.image, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+        model=args.model or f"{PRESET_PREFIX}{args.preset or DEFAULT_PRESET}",  # presets: random weights, explicitly
+        quant=args.quant or list(modes_for(args.device)), image_size=args.image_size, image=args.image,
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device,
         reference=args.reference, bandwidth_gib=args.bandwidth_gib, timeout_s=args.timeout,
     )

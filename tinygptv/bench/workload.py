@@ -13,6 +13,7 @@ from tinygptv.bench.generation import fixed_length_kwargs, time_answers
 from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
 from tinygptv.checkpoint.hub import resolve_model_dir
 from tinygptv.checkpoint.loading import load_model, resolve_name
+from tinygptv.checkpoint.release import PRESET_PREFIX, requested_preset
 from tinygptv.config import PRESETS, TinyGPTVConfig, preset
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import IMAGE_PLACEHOLDER
@@ -30,13 +31,14 @@ def model_config(spec: dict) -> TinyGPTVConfig:
     """The config of the benched model, with --image-size applied. Only a preset can change size: a checkpoint's
     position embedding was trained for its own size (stage 4's preset is the 448-px model)."""
     name = spec["model"]
-    if name in PRESETS:
-        config = preset(name)
+    preset_name = requested_preset(name)
+    if preset_name is not None:
+        config = preset(preset_name)
     else:
         config = TinyGPTVConfig.load(resolve_model_dir(resolve_name(name)) / "config.json")
     size = spec.get("image_size")
     if size and size != config.vision.image_size:
-        if name not in PRESETS:
+        if preset_name is None:
             raise ValueError(f"--image-size {size}: {name} is a checkpoint built for {config.vision.image_size} px; "
                              "--image-size changes presets only")
         config.vision.image_size = size
@@ -47,12 +49,13 @@ def model_name(spec: dict) -> str:
     """The name to hand load_model. A preset at another image size is registered under a derived name in this worker
     process only, so load_model builds it through its own (quantizing) path."""
     name, size = spec["model"], spec.get("image_size")
-    if name not in PRESETS or not size or size == preset(name).vision.image_size:
+    preset_name = requested_preset(name)
+    if preset_name is None or not size or size == preset(preset_name).vision.image_size:
         return name
-    derived = f"{name}@{size}px"
+    derived = f"{preset_name}@{size}px"
     if derived not in PRESETS:
         PRESETS.register(derived, lambda: model_config(spec))
-    return derived
+    return PRESET_PREFIX + derived
 
 
 def load(spec: dict):

@@ -17,7 +17,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tinygptv.atomic import clean_stale, replace_dir, save_weights, staging_dir
-from tinygptv.config import LLMConfig, QFormerConfig, TinyGPTVConfig, VisionConfig
+from tinygptv.config import LLMConfig, QFormerConfig, TinyGPTVConfig, VisionConfig, cache_dir
 from tinygptv.model.llm import LLM_ADAPTERS
 from tinygptv.model.lora import is_lora_param
 from tinygptv.model.tinygptv import TinyGPTV
@@ -25,17 +25,11 @@ from tinygptv.model.weights import align_lora_names, fresh_tensor, seeded_noise,
 from tinygptv.registry import Registry
 
 BACKBONES_BASE = "backbones"  # the TinyGPTVConfig.base_model value that means "fill the frozen weights from here"
-CACHE_ENV = "TINYGPTV_CACHE"
 CACHE_MARKER = "tinygptv-cache.json"  # written last into a cache folder: its presence marks a complete folder
 
 
 class BackboneError(RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    """One cache folder for converted weights: $TINYGPTV_CACHE, else ~/.cache/tinygptv."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tinygptv").expanduser()
 
 
 def package_dir(module: str) -> Path:

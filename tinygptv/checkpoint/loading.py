@@ -1,6 +1,6 @@
 # How every inference command (ask, chat, serve, eval, bench...) turns a model name into a ready TinyGPTV: a bundled
-# model name (the default, tinygptv-nano), a preset name (random weights), a folder of ours or a Hub id; then
-# --quant / --dtype / --device. Sits on top of the checkpoint readers, below every app.
+# model name (the default, tinygptv-nano), an official release fetched into the cache (tinygptv-stage1..4), a preset
+# (random weights: preset:NAME), a folder of ours or a Hub id; then --quant / --dtype / --device. Below every app.
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from tinygptv.checkpoint.native import load_pretrained
-from tinygptv.config import DEFAULT_MODEL, PRESETS, preset
+from tinygptv.checkpoint.release import RELEASES, release_model_dir, requested_preset
+from tinygptv.config import DEFAULT_MODEL, preset
 from tinygptv.data.tokenizer import byte_level_tokenizer
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.weights import cast_weights
@@ -29,6 +30,8 @@ def resolve_name(name: str) -> str:
             raise FileNotFoundError(f"{name}: the bundled model is missing from {folder}; rebuild it with "
                                     "`make nano-model` or pass --model")
         return str(folder)
+    if name in RELEASES:  # an official stage, converted into the cache by `tinygptv fetch --stage N`
+        return str(release_model_dir(name))
     return name
 
 
@@ -66,13 +69,14 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, q
 
 def _read(name: str, dtype, quant: str, merge_lora: bool, quiet: bool, device: torch.device) -> TinyGPTV:
     """The model on the CPU, except bitsandbytes layers, which are already on `device`."""
-    if name in PRESETS:
+    preset_name = requested_preset(name)  # preset:NAME, or a preset name that is not a release: random weights
+    if preset_name is not None:
         if not quiet:
             print(f"note: {name!r} is a preset: its weights are random, so its answers are noise. Pass --model with "
                   "a trained folder or a converted official checkpoint for real answers.", file=sys.stderr)
         if quant != "none":
-            return build_random_quantized(preset(name), quant, byte_level_tokenizer(), device)
-        model = TinyGPTV(preset(name), byte_level_tokenizer()).eval()
+            return build_random_quantized(preset(preset_name), quant, byte_level_tokenizer(), device)
+        model = TinyGPTV(preset(preset_name), byte_level_tokenizer()).eval()
         model = model.merge_lora() if merge_lora else model
         return cast_weights(model, dtype) if dtype is not None else model
     # Quantizing from the stored precision (LoRA merged first, in fp32) gives the same weights as `tinygptv

@@ -211,9 +211,9 @@ def resolve_stage(stage: int | None, ckpt_config: dict, weights: dict, notes: li
         found = 2
     else:
         notes.append("stage 2 or 3 cannot be told apart from this checkpoint; using stage 3's prompt template "
-                     "(pass stage= to choose)")
+                     "(--stage on the command line, stage= in Python)")
         return 3
-    notes.append(f"stage {found} inferred from the checkpoint (pass stage= to override)")
+    notes.append(f"stage {found} inferred from the checkpoint (--stage / stage= to override)")
     return found
 
 
@@ -234,10 +234,11 @@ def resolve_image_size(image_size: int | None, stage_arg: int | None, stage: int
     if len(sizes) == 1:
         return sizes.pop()
     if len(sizes) > 1:
-        raise CheckpointError(f"the checkpoint's data sets use several image sizes {sorted(sizes)}; pass image_size=")
+        raise CheckpointError(f"the checkpoint's data sets use several image sizes {sorted(sizes)}; pass --image-size "
+                              "(image_size= in Python)")
     size = 448 if stage == 4 else 224
     notes.append(f"image size not recorded in the checkpoint; using {size} px for stage {stage} "
-                 "(pass image_size= or stage= to choose)")
+                 "(--image-size or --stage to choose; image_size= / stage= in Python)")
     return size
 
 
@@ -250,7 +251,7 @@ def resolve_lora_alpha(alpha: int | None, ckpt_config: dict, r: int, notes: list
         return int(from_config)
     if r:
         notes.append(f"lora_alpha not recorded in the checkpoint; using {DEFAULT_LORA_ALPHA} as every official "
-                     "config does (pass lora_alpha= to choose)")
+                     "config does (--lora-alpha / lora_alpha= to choose)")
     return DEFAULT_LORA_ALPHA
 
 
@@ -328,10 +329,12 @@ def kept_vit_depth(n_blocks: int, depth: int | None, ledger: TensorLedger) -> in
     the file's 40 blocks. The default rule is therefore n_blocks - 1 for any file."""
     if depth is None:
         if n_blocks < 2:
-            raise ledger.fail(f"has {n_blocks} block(s); keeping all but the last needs at least 2 (pass vit_depth=)")
+            raise ledger.fail(f"has {n_blocks} block(s); keeping all but the last needs at least 2 (pass "
+                              "--vit-depth, vit_depth= in Python)")
         return n_blocks - 1
     if not 1 <= depth <= n_blocks:
-        raise ledger.fail(f"vit_depth {depth} is outside 1..{n_blocks} (the file has {n_blocks} blocks)")
+        raise ledger.fail(f"--vit-depth / vit_depth {depth} is outside 1..{n_blocks} (the file has {n_blocks} "
+                          "blocks)")
     return depth
 
 
@@ -339,10 +342,11 @@ def vit_head_count(width: int, heads: int | None) -> int:
     """Head count leaves no trace in the shapes. LAVIS computes it as width // 88 (16 heads for EVA-g's 1408)."""
     if heads is not None:
         if heads < 1 or width % heads:
-            raise ValueError(f"vit_heads {heads} does not divide the ViT width {width}")
+            raise ValueError(f"--vit-heads / vit_heads {heads} does not divide the ViT width {width}")
         return heads
     if width % EVA_HEAD_DIM:
-        raise ValueError(f"ViT width {width} is not a multiple of {EVA_HEAD_DIM} (EVA's head size): pass vit_heads=")
+        raise ValueError(f"ViT width {width} is not a multiple of {EVA_HEAD_DIM} (EVA's head size): pass "
+                         "--vit-heads N (vit_heads= in Python)")
     return width // EVA_HEAD_DIM
 
 
@@ -457,10 +461,11 @@ def qformer_head_count(hidden: int, heads: int | None) -> int:
     """BERT-base's heads are 64 wide (768 -> 12); no tensor shape shows the head count."""
     if heads is not None:
         if heads < 1 or hidden % heads:
-            raise ValueError(f"qformer_heads {heads} does not divide the Q-Former width {hidden}")
+            raise ValueError(f"--qformer-heads / qformer_heads {heads} does not divide the Q-Former width {hidden}")
         return heads
     if hidden % QFORMER_HEAD_DIM:
-        raise ValueError(f"Q-Former width {hidden} is not a multiple of {QFORMER_HEAD_DIM}: pass qformer_heads=")
+        raise ValueError(f"Q-Former width {hidden} is not a multiple of {QFORMER_HEAD_DIM}: pass "
+                         "--qformer-heads N (qformer_heads= in Python)")
     return hidden // QFORMER_HEAD_DIM
 
 

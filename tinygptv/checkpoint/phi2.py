@@ -271,7 +271,8 @@ def llm_config_from_phi2(raw: dict, source: str, notes: list[str] | None = None)
     if eos is None:
         eos = defaults.eos_token_id
         notes.append(f"{source}: no eos_token_id, using {eos}")
-    bos = raw.get("bos_token_id", eos)
+    bos = raw.get("bos_token_id")
+    bos = eos if bos is None else bos  # absent, or null as in some microsoft/phi-2 revisions
     return LLMConfig(
         name="phi",
         vocab_size=need("vocab_size"),

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tinygptv.checkpoint.release import MODEL_NAMES_HELP
 from tinygptv.cli_options import add_precision_args, load_for_args
 from tinygptv.config import DEFAULT_MODEL
 from tinygptv.data.templates import TEMPLATES
@@ -30,8 +31,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="image folder, when the images are not where the layout puts them")
     p.add_argument("--split", help="sub-split: refcoco/refcoco+ val|testA|testB, refcocog val|test, "
                                    "hm dev|dev_seen|dev_unseen (default: all / the official one)")
-    p.add_argument("--model", default=None, help="a model folder, Hub id or preset name (default: the package's "
-                                                 "default model)")
+    p.add_argument("--model", default=None, help=f"{MODEL_NAMES_HELP} (default: the package's default model)")
     add_precision_args(p)
     p.add_argument("--template", choices=TEMPLATES.names(), default=None,
                    help="prompt template (default: 'eval', the official benchmark template, for official-style "

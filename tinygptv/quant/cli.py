@@ -18,7 +18,8 @@ def add_quantize_parser(sub):
                     "as it is. Before saving it scores the copy against the original on a fixed prompt set "
                     "(held-out synthetic scenes and text-only turns): top-1 agreement of the next token and mean "
                     "KL divergence of the next-token distributions over every answer position.")
-    p.add_argument("model", help="a model folder, Hub id or preset name (presets have random weights)")
+    p.add_argument("model", help="a model folder, Hub id, tinygptv-stage1..4 (after `tinygptv fetch --stage N`) or "
+                                 "preset:NAME (random weights)")
     p.add_argument("--quant", required=True, choices=[m for m in QUANT_MODES if m != "none"])
     p.add_argument("--out", type=Path, help="output folder (omit with --report-only)")
     p.add_argument("--overwrite", action="store_true",
