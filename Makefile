@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean nano-model browser
+.PHONY: setup test test-fast demo clean nano-model browser
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup browser
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the tests marked slow (the nano model's conversion, subprocess pipelines, the browser).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 # The web demo's browser test drives Debian's chromium headless through chromedriver. Installed only when missing
 # (apt-get, as root: as CI runs), so on a machine that has both this is a no-op.

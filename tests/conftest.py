@@ -1,17 +1,25 @@
-# Shared fixtures: the tiny preset with random weights, and a tiny model trained for a few seconds to answer the
-# colour of a red or blue image, so generation, streaming and the CLI can be checked against a known answer.
+# Shared fixtures: one converted-weights cache for the whole session (never the user's), the bundled nano model loaded
+# once, the tiny preset with random weights, and a tiny model trained for a few seconds to answer the colour of a red
+# or blue image, so generation, streaming and the CLI can be checked against a known answer.
 from __future__ import annotations
 
-import pytest
-import torch
-from PIL import Image
+import os
 
-from tinygptv.config import preset
+# One thread for torch here and in every subprocess a test starts: the test models are tiny, so a second thread gains
+# nothing, and on a shared machine two threads that spin-wait for each other made the suite 6x slower (measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tinygptv.checkpoint.loading import load_model
+from tinygptv.checkpoint.native import save_pretrained
+from tinygptv.config import CACHE_ENV, preset
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import single_prompt
 from tinygptv.data.tokenizer import byte_level_tokenizer
 from tinygptv.model.tinygptv import TinyGPTV
-from tinygptv.checkpoint.native import save_pretrained
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
 QUESTION = "what colour is it?"
@@ -20,6 +28,36 @@ QUESTION = "what colour is it?"
 def tiny_model(seed: int = 0) -> TinyGPTV:
     torch.manual_seed(seed)
     return TinyGPTV(preset("tiny"), byte_level_tokenizer()).eval()
+
+
+# Fixtures that need SmolLM2's weights converted from its GGUF (~25 s once per session): their tests are `slow`.
+NANO_FIXTURES = ("nano", "nano_backbones", "converted")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in NANO_FIXTURES):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """Every test reads and writes one fresh TINYGPTV_CACHE, whatever the test order: the first test that needs
+    SmolLM2's converted weights converts them (~25 s) and the rest reuse them; the user's cache is never touched."""
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("tinygptv-cache"))
+    yield os.environ[CACHE_ENV]
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
+@pytest.fixture(scope="session")
+def nano() -> TinyGPTV:
+    """The bundled default model as every inference command loads it (LoRA merged, eval mode), shared by the tests
+    that only read it. A test that changes a model loads its own."""
+    return load_model("tinygptv-nano")
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 # The `nano` model on real backbones from PyPI: EfficientNet-Lite0 -> ln_vision -> Q-Former (MiniLM) -> projector ->
 # SmolLM2 (GGUF converted once into a cache). The GGUF conversion (~25 s on 2 cores) runs once per session into a
-# temporary TINYGPTV_CACHE; everything else reads that cache.
+# session TINYGPTV_CACHE (tests/conftest.py); everything else reads that cache.
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +33,7 @@ from tinygptv.model.llm import LLM_ADAPTERS, build_llm
 from tinygptv.model.llm.llama import llama_config
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.vision import VISION_TOWERS, EfficientNetLite0
-from tinygptv.model.vision.efficientnet import HEAD_CHANNELS, EfficientNetLite0
+from tinygptv.model.vision.efficientnet import HEAD_CHANNELS
 from tinygptv.registry import Registry
 from tinygptv.checkpoint.native import load_pretrained, save_pretrained
 
@@ -49,10 +49,9 @@ ENGLISH = [
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    """Convert the GGUF into a fresh cache, keeping the GGUF-loaded model to compare against."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("TINYGPTV_CACHE", str(tmp_path_factory.mktemp("cache")))
+def converted():
+    """The session cache's converted folder, and the GGUF-loaded model to compare it against (kept from the
+    conversion when this fixture makes it; loaded again when an earlier test already did)."""
     loaded = {}
     real_load = backbones.load_gguf
 
@@ -60,15 +59,17 @@ def converted(tmp_path_factory):
         loaded["model"], loaded["tokenizer"] = real_load(gguf)
         return loaded["model"], loaded["tokenizer"]
 
-    patch.setattr(backbones, "load_gguf", spy)
-    folder = cached_lm_dir()
-    patch.setattr(backbones, "load_gguf", real_load)
-    yield folder, loaded["model"].eval(), loaded["tokenizer"]
-    patch.undo()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backbones, "load_gguf", spy)
+        folder = cached_lm_dir()
+    if not loaded:
+        spy(backbones.smollm2_gguf())
+    return folder, loaded["model"].eval(), loaded["tokenizer"]
 
 
 @pytest.fixture(scope="session")
-def nano(converted) -> TinyGPTV:
+def nano_backbones(converted) -> TinyGPTV:
+    """The nano preset filled from its three packages, before any training."""
     return build_from_backbones(preset("nano"))
 
 
@@ -339,11 +340,11 @@ def test_llama_config_refuses_partial_rotary():
 # --- the whole nano model ---------------------------------------------------------------------------------------------
 
 
-def test_qformer_starts_from_minilm_except_cross_attention(nano):
+def test_qformer_starts_from_minilm_except_cross_attention(nano_backbones):
     from safetensors.torch import load_file
 
     bert = load_file(minilm_dir() / "model.safetensors")
-    qformer = dict(nano.connector.qformer.named_parameters())
+    qformer = dict(nano_backbones.connector.qformer.named_parameters())
     assert torch.equal(qformer["layernorm.weight"], bert["embeddings.LayerNorm.weight"])
     for n in range(6):
         pairs = {
@@ -364,65 +365,65 @@ def test_qformer_starts_from_minilm_except_cross_attention(nano):
     assert abs(query.std().item() - 0.02) < 0.002
 
 
-def test_base_is_complete_and_the_same_every_time(nano, converted):
+def test_base_is_complete_and_the_same_every_time(nano_backbones, converted):
     cfg = preset("nano")
     first, second = backbone_state(cfg), backbone_state(cfg)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    model_keys = {k.replace(".base_layer.", ".") for k in nano.state_dict()}
+    model_keys = {k.replace(".base_layer.", ".") for k in nano_backbones.state_dict()}
     from_scratch = {k for k in model_keys if k.startswith("projector.") or ".lora_" in k}
     assert set(first) == model_keys - from_scratch
 
 
-def test_nano_sees_an_image_and_still_speaks_english(nano, converted):
-    assert nano.tokenizer("Hello", add_special_tokens=True).input_ids == nano.tokenize("Hello")
-    pixels = ImageProcessor(nano.config.vision)([next(iter(easy_vqa.get_test_image_paths().values()))])
+def test_nano_sees_an_image_and_still_speaks_english(nano_backbones, converted):
+    assert nano_backbones.tokenizer("Hello", add_special_tokens=True).input_ids == nano_backbones.tokenize("Hello")
+    pixels = ImageProcessor(nano_backbones.config.vision)([next(iter(easy_vqa.get_test_image_paths().values()))])
     with torch.no_grad():
-        image = nano.encode_image(pixels)
+        image = nano_backbones.encode_image(pixels)
     assert image.shape == (1, 32, 576) and torch.isfinite(image).all()
     chat = single_prompt("chatml", "What is the capital of France?", with_image=False)
-    answers = nano.generate(None, [chat, "The capital of France is"], max_new_tokens=8)
+    answers = nano_backbones.generate(None, [chat, "The capital of France is"], max_new_tokens=8)
     assert all("Paris" in a for a in answers), answers
-    assert nano.generate(pixels, [single_prompt("chatml", "Describe the image.")], max_new_tokens=6)[0].strip()
+    assert nano_backbones.generate(pixels, [single_prompt("chatml", "Describe the image.")], max_new_tokens=6)[0].strip()
 
 
-def test_calibrated_norms_keep_smollm2_perplexity(nano, converted):
+def test_calibrated_norms_keep_smollm2_perplexity(nano_backbones, converted):
     """The RMSNorm on the attention output is no identity at weight 1 (perplexity explodes); calibrated, the LM keeps
     most of its language. Measured: SmolLM2 10.9, nano 14.6, nano with weight 1: ~10^5."""
     folder, gguf_model, _ = converted
-    bos = nano.config.llm.bos_token_id
-    plain = _perplexity(gguf_model, nano.tokenizer, bos)
-    ours = _perplexity(nano.llm, nano.tokenizer, bos)
+    bos = nano_backbones.config.llm.bos_token_id
+    plain = _perplexity(gguf_model, nano_backbones.tokenizer, bos)
+    ours = _perplexity(nano_backbones.llm, nano_backbones.tokenizer, bos)
     assert ours < 1.6 * plain, (plain, ours)
-    norms = [layer.post_layernorm.weight for layer in nano.llm.model.layers]
+    norms = [layer.post_layernorm.weight for layer in nano_backbones.llm.model.layers]
     saved = [w.detach().clone() for w in norms]
     with torch.no_grad():
         for w in norms:
             w.fill_(1.0)
-        at_one = _perplexity(nano.llm, nano.tokenizer, bos)
+        at_one = _perplexity(nano_backbones.llm, nano_backbones.tokenizer, bos)
         for w, s in zip(norms, saved):
             w.copy_(s)
     assert at_one > 100 * plain
 
 
-def test_trainable_only_nano_checkpoint_round_trips_bit_exactly(nano, tmp_path):
+def test_trainable_only_nano_checkpoint_round_trips_bit_exactly(nano_backbones, tmp_path):
     trained = {}
     with torch.no_grad():
-        for name, p in nano.named_parameters():
+        for name, p in nano_backbones.named_parameters():
             if p.requires_grad:
                 trained[name] = p.detach().clone()
                 p.add_(torch.randn_like(p) * 0.01)  # as if trained
     try:
-        save_pretrained(nano, tmp_path / "run", trainable_only=True)
+        save_pretrained(nano_backbones, tmp_path / "run", trainable_only=True)
         config = json.loads((tmp_path / "run" / "config.json").read_text())
         assert config["base_model"] == "backbones"
         assert (tmp_path / "run" / "model.safetensors").stat().st_size < 20e6  # trainable weights only
         loaded = load_pretrained(tmp_path / "run")
-        a, b = nano.state_dict(), loaded.state_dict()
+        a, b = nano_backbones.state_dict(), loaded.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert loaded.llm.lm_head.weight is loaded.llm.model.embed_tokens.weight
     finally:
         with torch.no_grad():
-            for name, p in nano.named_parameters():
+            for name, p in nano_backbones.named_parameters():
                 if name in trained:
                     p.copy_(trained[name])
 

@@ -161,6 +161,7 @@ def test_hub_id_loads_from_the_offline_cache(tmp_path, monkeypatch):
         load_pretrained("someone/other")
 
 
+@pytest.mark.slow
 def test_cli_reads_a_hub_id_from_the_cache_and_explains_an_unreachable_hub(tmp_path):
     save_pretrained(tiny_model(), tmp_path / "m")
     _hub_cache(tmp_path / "cache", "someone/tiny", tmp_path / "m")

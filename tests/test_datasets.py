@@ -15,7 +15,8 @@ from dataset_fixtures import caption_member, ref, write_image, write_json, write
 from tinygptv.data.datasets import DATASETS, CaptionShards, DatasetError, Sample, build_dataset
 from tinygptv.data.datasets.safe_pickle import load_plain_pickle
 from tinygptv.data.datasets.text import (ALIGNMENT_PROMPTS, CAPTION_POOL, CAPTION_PROMPTS, DETECTION_POOL,
-                                         GROUNDING_POOL, IDENTIFY_POOL, REFER_POOL, VQA_POOL, blip_caption, box_text)
+                                         GROUNDING_POOL, IDENTIFY_POOL, REFER_POOL, VQA_POOL, blip_caption)
+from tinygptv.data.boxes import box_text
 from tinygptv.data.datasets.vqa import weighted_answer
 from tinygptv.data.datasets.webdataset import expand_braces
 

@@ -20,6 +20,8 @@ from tinygptv.serve.draw import boxes_in, draw_on
 
 ROOT = Path(__file__).resolve().parent.parent
 RED_CIRCLE = ROOT / "examples" / "red_circle.png"
+pytestmark = pytest.mark.slow  # a browser, a server and the nano model
+
 MODEL = "tinygptv-nano"
 MAX_NEW_TOKENS = 12  # the page's starting value; short answers keep the test quick
 WAIT_S = 60
@@ -34,13 +36,6 @@ def _browser_paths() -> tuple[str, str]:
         pytest.fail(f"the browser test needs Debian's chromium and chromium-driver ({', '.join(missing)} not found); "
                     "install them with `make browser` (as root; CI does this through `make test`)", pytrace=False)
     return found[0], found[1]
-
-
-@pytest.fixture(scope="module")
-def nano():
-    from tinygptv.checkpoint.loading import load_model
-
-    return load_model(MODEL)
 
 
 @pytest.fixture(scope="module")

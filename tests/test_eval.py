@@ -326,13 +326,6 @@ def test_resume_cuts_a_half_written_line_and_refuses_other_settings(tmp_path, mo
     assert fresh["resumed_from"] == 0 and fresh["template"] == "stage3"
 
 
-@pytest.fixture(scope="module")
-def nano():
-    from tinygptv.checkpoint.loading import load_model
-
-    return load_model("tinygptv-nano")
-
-
 @pytest.mark.parametrize("benchmark", [*ALL, "scenes"])
 def test_every_benchmark_runs_with_the_bundled_nano_model(benchmark, nano, tmp_path):
     """The default model through every benchmark's files: its own template, real answers, both scores."""

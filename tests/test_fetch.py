@@ -18,7 +18,7 @@ import torch
 
 from official_fixtures import Dims, write_official_set, write_phi2
 from tinygptv.checkpoint import download, fetch_cli, release
-from tinygptv.checkpoint.fetch import FETCH_RECORD, FetchError, fetch_file, fetch_release
+from tinygptv.checkpoint.fetch import FETCH_RECORD, FetchError, fetch_file
 from tinygptv.checkpoint.release import EVA_FILE, HF, RELEASES, Release, release_for_stage, requested_preset
 from tinygptv.cli import main
 

@@ -10,7 +10,6 @@ import pytest
 from tinygptv.cli import main
 from tinygptv.config import preset
 from tinygptv.info import parameter_counts
-from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.serve.chat import ChatSession, run_chat
 from tinygptv.checkpoint.native import load_pretrained
 from tinygptv.model.generation import GenerationSettings

@@ -21,7 +21,6 @@ from PIL import Image
 from tinygptv.data.templates import single_prompt
 from tinygptv.model.generation import GenerationSettings
 from tinygptv.serve.chat import ChatSession
-from tinygptv.checkpoint.loading import load_model
 from tinygptv.serve.openai_schema import ChatRequest, build_prompt
 from tinygptv.serve.serve_cli import add_serve_parser, app_from_args
 from tinygptv.serve.worker import GenerationWorker, Job, QueueFull
@@ -46,11 +45,6 @@ def data_url(path: Path) -> str:
 def image_message(url: str, question: str = QUESTION) -> dict:
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                         {"type": "text", "text": question}]}
-
-
-@pytest.fixture(scope="module")
-def nano():
-    return load_model("tinygptv-nano")
 
 
 @pytest.fixture(scope="module")

@@ -197,6 +197,7 @@ def test_recipe_errors_name_the_field(tmp_path):
         load_recipe(TINY, ["tune.llm=everything"])
 
 
+@pytest.mark.slow
 def test_ddp_with_two_processes_matches_one_process(tmp_path):
     """Two gloo processes, each with half of every global batch, end with the weights of one process (the fixture
     answers all have the same token count per batch position, so mean-of-means equals the global mean)."""

@@ -246,12 +246,11 @@ def _nano() -> TinyGPTVConfig:
         # 384 -> 1024 -> 576: wider than both ends, so the composed affine map is full rank; 1024 / 576 is close to
         # TinyGPT-V's 4096 / 2560.
         projector=ProjectorConfig(hidden_size=1024),
-        # qk_layernorm off: a LayerNorm on K gives every key the same norm, and SmolLM2 reads key norms (perplexity
-        # on plain English 10.9 -> 66 with calibrated weights, 111 when only the key norms are equalised; the
-        # LayerNorm on Q alone would be harmless). The RMSNorm on the attention output is kept, its weights
-        # calibrated at build (10.9 -> 14.6; at weight 1 it is ~10^5). BOS is <|endoftext|> (id 0), SmolLM2's
-        # document separator in pretraining, as <|endoftext|> is for Phi-2: it fits the ChatML turn that follows
-        # better than a second <|im_start|> (the tokenizer's nominal BOS, id 1).
+        # qk_layernorm off: a LayerNorm on K gives every key the same norm, and SmolLM2 reads key norms (the model
+        # card has the perplexities). The RMSNorm on the attention output is kept, its weights calibrated at build
+        # (checkpoint/backbones.calibrate_added_norms). BOS is <|endoftext|> (id 0), SmolLM2's document separator in
+        # pretraining, as <|endoftext|> is for Phi-2: it fits the ChatML turn that follows better than a second
+        # <|im_start|> (the tokenizer's nominal BOS, id 1).
         llm=LLMConfig(
             name="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
             intermediate_size=1536, max_position_embeddings=8192, rope_theta=100000.0, partial_rotary_factor=1.0,

@@ -6,24 +6,7 @@ import torch
 
 from tinygptv.config import TinyGPTVConfig
 from tinygptv.model.llm import LLM_ADAPTERS
-from tinygptv.model.lora import is_lora_param
-from tinygptv.model.tinygptv import TinyGPTV
-
-
-def component_of(name: str, added_norms: tuple[str, ...]) -> str:
-    if name.startswith("visual_encoder."):
-        return "vision"
-    if name.startswith("connector.ln_vision."):
-        return "ln_vision"
-    if name.startswith("connector."):
-        return "qformer"
-    if name.startswith("projector."):
-        return "projector"
-    if is_lora_param(name):
-        return "lora"
-    if any(f".{n}." in name for n in added_norms):
-        return "added_norms"
-    return "llm"
+from tinygptv.model.tinygptv import TinyGPTV, component_of
 
 
 def parameter_counts(config: TinyGPTVConfig) -> dict:

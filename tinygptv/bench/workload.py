@@ -2,7 +2,6 @@
 # runs it (encode_image -> build_inputs -> LLM prefill -> greedy decode), each part alone and end to end.
 from __future__ import annotations
 
-import importlib
 import inspect
 import time
 

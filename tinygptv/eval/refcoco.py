@@ -25,8 +25,7 @@ for RefCOCOg; here every split is read from its own split of the REFER file and 
 """
 from __future__ import annotations
 
-import re
-
+from tinygptv.data.boxes import grid_to_pixels, parse_box
 from tinygptv.data.datasets.refer import SPLIT_BY, in_split
 from tinygptv.data.datasets.safe_pickle import load_plain_pickle
 from tinygptv.data.datasets.sample import DatasetError
@@ -36,21 +35,7 @@ from tinygptv.eval.base import (
 )
 from tinygptv.eval.prompts import prompt_for
 
-BOX = re.compile(r"\{<(\d{1,3})><(\d{1,3})><(\d{1,3})><(\d{1,3})>\}")
-GRID = 100.0  # the official --res
-
-
-def parse_box(answer: str, anchored: bool = False) -> tuple[int, int, int, int] | None:
-    """The four grid numbers of `{<x1><y1><x2><y2>}` in the answer, spaces removed first; anchored=True requires the
-    box at the very start (the official re.match)."""
-    text = answer.replace(" ", "").strip()
-    m = BOX.match(text) if anchored else BOX.search(text)
-    return tuple(int(g) for g in m.groups()) if m else None
-
-
-def grid_to_pixels(box, width: float, height: float) -> list[float]:
-    x1, y1, x2, y2 = box
-    return [x1 / GRID * width, y1 / GRID * height, x2 / GRID * width, y2 / GRID * height]
+__all__ = ["grid_to_pixels", "iou", "official_iou", "parse_box", "xywh_to_corners"]
 
 
 def xywh_to_corners(bbox) -> list[float]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from tinygptv.data.scenes import SIZE, default_root, make_scene, scene_image
 from tinygptv.eval.base import BENCHMARKS, Benchmark, Item, ItemScore, Loaded, raw_text
 from tinygptv.eval.prompts import prompt_for
-from tinygptv.eval.refcoco import grid_to_pixels, iou, official_iou, parse_box
+from tinygptv.data.boxes import grid_to_pixels, parse_box
+from tinygptv.eval.refcoco import iou, official_iou
 
 SCENES = 200
 

@@ -241,6 +241,23 @@ class TinyGPTV(nn.Module):
         return [cut_at_stop(t, settings.stops(end_sym)).strip() for t in texts]
 
 
+def component_of(name: str, added_norms: tuple[str, ...]) -> str:
+    """Which part of the data path a parameter belongs to (added_norms: the LLM adapter's), for counts and tune."""
+    if name.startswith("visual_encoder."):
+        return "vision"
+    if name.startswith("connector.ln_vision."):
+        return "ln_vision"
+    if name.startswith("connector."):
+        return "qformer"
+    if name.startswith("projector."):
+        return "projector"
+    if is_lora_param(name):
+        return "lora"
+    if any(f".{n}." in name for n in added_norms):
+        return "added_norms"
+    return "llm"
+
+
 def _per_sample_images(image_embeds, n: int) -> list[list[torch.Tensor]]:
     """Normalise image input to one list of [Q, D] tensors per sample: a [B, Q, D] tensor is one image per sample,
     a sequence gives each sample its own [k, Q, D] (or [Q, D]) stack, None means text only."""

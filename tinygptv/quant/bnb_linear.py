@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tinygptv.quant.modes import BNB_MODES
 # LLM.int8()'s outlier threshold: input columns above it run in 16-bit (bitsandbytes' and transformers' default for
 # load_in_8bit, which the official code uses).
 INT8_THRESHOLD = 6.0

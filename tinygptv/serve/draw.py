@@ -2,19 +2,13 @@
 # of a "<p>phrase</p> {box}" pair as its label. The last step of `tinygptv ask --draw OUT.png` and of the web demo.
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from tinygptv.eval.refcoco import grid_to_pixels
+from tinygptv.data.boxes import boxes_in, grid_to_pixels
 
-BOX_WITH_PHRASE = re.compile(r"(?:<p>([^<]*)</p>\s*)?\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
-
-
-def boxes_in(answer: str) -> list[tuple[str, tuple[int, int, int, int]]]:
-    return [(m.group(1) or "", tuple(int(g) for g in m.groups()[1:])) for m in BOX_WITH_PHRASE.finditer(answer)]
 
 
 def draw_boxes(image_path: str | Path, answer: str, out: str | Path) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tinygptv.info import component_of
 from tinygptv.model.llm import LLM_ADAPTERS
 from tinygptv.model.lora import is_lora_param
+from tinygptv.model.tinygptv import component_of
 from tinygptv.train.recipe import Tune
 
 

@@ -28,7 +28,8 @@ from tinygptv.data.datasets import (captions, easyvqa, flickr, llava, refer, sce
                                    unnatural, visual_genome, vqa, webdataset)
 from tinygptv.data.datasets.base import DATASETS, RecordDataset
 from tinygptv.data.datasets.sample import DatasetError, Sample
-from tinygptv.data.datasets.text import blip_caption, box_text
+from tinygptv.data.boxes import box_text
+from tinygptv.data.datasets.text import blip_caption
 from tinygptv.data.datasets.webdataset import CaptionShards
 
 

@@ -9,7 +9,7 @@ Layout (`ann_path` is the REFER root, as in the official configs):
     {image_root}/COCO_train2014_{image_id:012d}.jpg
 `refs(*).p` is a pickled list of {ref_id, ann_id, image_id, split, sentences: [{raw, ...}], ...}; it is read with a
 restricted unpickler (safe_pickle.py). The box is the ref's annotation bbox [x, y, w, h] turned into corners on the
-0-100 grid (text.box_text). The official code divides by the size of the opened image; this reader uses the
+0-100 grid (data.boxes.box_text). The official code divides by the size of the opened image; this reader uses the
 width/height recorded in instances.json, which are the same numbers for COCO and need no image decoding.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import NamedTuple
 from tinygptv.data.datasets.base import DATASETS, PathLike, RecordDataset, expect, load_json, need
 from tinygptv.data.datasets.safe_pickle import load_plain_pickle
 from tinygptv.data.datasets.sample import DatasetError, Sample
-from tinygptv.data.datasets.text import IDENTIFY_POOL, REFER_POOL, blip_caption, box_text
+from tinygptv.data.boxes import box_text
+from tinygptv.data.datasets.text import IDENTIFY_POOL, REFER_POOL, blip_caption
 
 SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 

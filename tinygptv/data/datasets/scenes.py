@@ -8,7 +8,8 @@ from typing import NamedTuple
 
 from tinygptv.data.datasets.base import DATASETS, RecordDataset
 from tinygptv.data.datasets.sample import Sample
-from tinygptv.data.datasets.text import GROUNDING_POOL, IDENTIFY_POOL, REFER_POOL, VQA_POOL, box_text
+from tinygptv.data.boxes import box_text
+from tinygptv.data.datasets.text import GROUNDING_POOL, IDENTIFY_POOL, REFER_POOL, VQA_POOL
 from tinygptv.data.scenes import SIZE, Shape, default_root, make_scene, scene_image
 
 TASKS = ("refer", "identify", "grounding", "vqa")

@@ -24,15 +24,6 @@ def blip_caption(text: str, max_words: int = 50) -> str:
     return text
 
 
-def box_text(x1: float, y1: float, x2: float, y2: float, width: float, height: float) -> str:
-    """Corners in pixels -> "{<x1><y1><x2><y2>}" on the 0-100 grid, with the official arithmetic
-    (`int(x / width * 100)`, division first, truncation), so the strings match what the model was trained on."""
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    grid = [int(x1 / width * 100), int(y1 / height * 100), int(x2 / width * 100), int(y2 / height * 100)]
-    return "{{<{}><{}><{}><{}>}}".format(*grid)
-
-
 # Stage 3 (cc_sbu_align): MiniGPT-4's prompts/alignment.txt, without its "<Img><ImageHere></Img> " prefix.
 ALIGNMENT_PROMPTS = (
     "Describe this image in detail.",

@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 from tinygptv.data.datasets.base import DATASETS, PathLike, RecordDataset, expect, load_list, need
 from tinygptv.data.datasets.sample import DatasetError, Sample
-from tinygptv.data.datasets.text import REFER_POOL, blip_caption, box_text
+from tinygptv.data.boxes import box_text
+from tinygptv.data.datasets.text import REFER_POOL, blip_caption
 
 MAX_REGION_AREA = 16384
 
