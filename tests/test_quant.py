@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +135,49 @@ def test_quantized_copy_keeps_answers_and_loads_back_exactly(mode, trained_dir, 
     other = "int4" if mode != "int4" else "int8"
     with pytest.raises(ValueError, match=f"saved quantized as {mode}"):
         load_model(str(out), quant=other)
+
+
+MISALIGNED_LOAD = """
+import torch
+from torch import nn
+from tinygptv.quant.cpu_linear import {cls}
+torch.manual_seed(0)
+layer = {cls}.from_linear(nn.Linear(256, 96))
+state = {{}}
+for key, value in layer.state_dict().items():  # each tensor 4 bytes past an aligned start, as a file can give it
+    raw = torch.zeros(value.numel() * value.element_size() + 4, dtype=torch.uint8)
+    state[key] = raw[4:].view(value.dtype).view(value.shape)
+    state[key].copy_(value)
+fresh = {cls}(256, 96, bias=True)
+fresh.load_state_dict(state, assign=True)
+x = torch.randn(8, 256)
+assert torch.equal(fresh(x), layer(x))
+"""
+
+
+@pytest.mark.parametrize("cls", ["Int8Linear", "Int4Linear"])
+def test_weights_read_from_any_byte_of_a_file_do_not_crash_the_kernel(cls):
+    """torch._weight_int8pack_mm crashed the process (SIGSEGV) on buffers that did not start on a 64-byte boundary,
+    as safetensors gives them; in a subprocess, so a crash fails this test instead of the whole run."""
+    done = subprocess.run([sys.executable, "-c", MISALIGNED_LOAD.format(cls=cls)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_copy_of_a_tied_head_model_answers_from_the_cli(mode, tmp_path, capsys):
+    """The nano model's LM ties lm_head to the embedding; its quantized copy stores the head's own codes and every
+    command loads it (it was refused with "Unexpected key(s): llm.lm_head.weight")."""
+    out = tmp_path / mode
+    assert main(["quantize", "tinygptv-nano", "--quant", mode, "--out", str(out)]) == 0
+    image = Path(__file__).resolve().parent.parent / "examples" / "red_circle.png"
+    question = ["--image", str(image), "--task", "vqa", "--no-stream", "What color is the shape?"]
+    capsys.readouterr()
+    assert main(["ask", "--model", str(out), *question]) == 0
+    from_copy = capsys.readouterr().out.strip()
+    assert main(["ask", "--quant", mode, *question]) == 0
+    assert from_copy == capsys.readouterr().out.strip() and from_copy
 
 
 def test_preset_builds_directly_quantized_with_the_expected_bytes():

@@ -15,6 +15,21 @@ INT4_INNER_K_TILES = 2
 ROWS_AT_ONCE = 4096
 
 
+KERNEL_ALIGNMENT = 64  # bytes: the int8 / int4 CPU kernels read their weights with aligned vector loads
+
+
+class AlignedBuffersOnLoad:
+    """Loading gives a layer's buffers fresh, aligned memory. A tensor read from a safetensors file starts wherever the
+    file put it (often 4 bytes past a 64-byte boundary), and torch._weight_int8pack_mm then crashed the process (a
+    segmentation fault, for 4 rows of input or more) on a quantized copy that loaded without error."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key, value in list(state_dict.items()):
+            if key.startswith(prefix) and isinstance(value, Tensor) and value.data_ptr() % KERNEL_ALIGNMENT:
+                state_dict[key] = value.clone()  # a new allocation is aligned
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def _bias_bytes(bias: Tensor | None) -> int:
     return 0 if bias is None else bias.numel() * bias.element_size()
 
@@ -35,7 +50,7 @@ def int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     return codes, scale
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(AlignedBuffersOnLoad, nn.Module):
     """Weight-only int8 (symmetric, one scale per output channel), bf16 activations: `torch._weight_int8pack_mm`.
     The --quant int8 layer: weight-only, because LLM activations have outlier channels that quantizing them too
     (Int8DynamicLinear) hurts (docs/quantization.md has the measured agreement and KL of both)."""
@@ -148,7 +163,7 @@ def int4_fits(in_features: int, out_features: int) -> bool:
     return int4_group(in_features) is not None and out_features % INT4_OUT_MULTIPLE == 0
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(AlignedBuffersOnLoad, nn.Module):
     """4-bit weights, asymmetric, one bf16 scale and zero per group of inputs; bf16 activations through
     `aten._weight_int4pack_mm_for_cpu` (with fp32 activations that kernel is 30x slower, so inputs are cast).
 

@@ -122,19 +122,26 @@ class TinyGPTVLlamaForCausalLM(LlamaForCausalLM):
             self.register_load_state_dict_post_hook(_retie_head)
 
 
+def _tied(module) -> bool:
+    """lm_head is still the embedding matrix (not replaced by a quantized layer, which holds its own codes)."""
+    return type(module.lm_head) is nn.Linear
+
+
 def _drop_tied_head(module, state_dict, prefix, local_metadata):
-    state_dict.pop(prefix + "lm_head.weight", None)
+    if _tied(module):
+        state_dict.pop(prefix + "lm_head.weight", None)
 
 
 def _alias_tied_head(module, state_dict, prefix, *args):
     embed = state_dict.get(prefix + "model.embed_tokens.weight")
-    if embed is not None and prefix + "lm_head.weight" not in state_dict:
+    if _tied(module) and embed is not None and prefix + "lm_head.weight" not in state_dict:
         state_dict[prefix + "lm_head.weight"] = embed
 
 
 def _retie_head(module, incompatible_keys):
     # assign=True loads give lm_head its own Parameter object; make it the embedding's again (one tensor, one grad).
-    module.lm_head.weight = module.model.embed_tokens.weight
+    if _tied(module):
+        module.lm_head.weight = module.model.embed_tokens.weight
 
 
 def build_llama(cfg: LLMConfig) -> TinyGPTVLlamaForCausalLM:
