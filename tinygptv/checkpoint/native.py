@@ -27,11 +27,13 @@ MODEL_CARD = "README.md"
 
 
 def save_pretrained(model, directory: str | os.PathLike, *, trainable_only: bool = False,
-                    base_model: str | None = None) -> Path:
-    """Write to a temporary sibling folder, then swap it in: a crash never leaves a folder that looks complete."""
+                    base_model: str | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write to a temporary sibling folder, then swap it in: a crash never leaves a folder that looks complete.
+    `state` stands in for model.state_dict() where the model's own tensors are shards (a sharded training run
+    passes the full weights it gathered onto one process)."""
     directory = Path(directory)
     config = TinyGPTVConfig.from_dict(model.config.to_dict())
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     if trainable_only:
         base = base_model or config.base_model
         if not base:
