@@ -13,15 +13,22 @@ class TrainForward(nn.Module):
     """With several processes every one of them runs the same modules in every micro-batch: where its share of the
     batch has no image it encodes a blank one and adds its output to the loss with weight 0. FSDP needs that (a
     sharded module's gather is a collective that every process must join) and DDP then sees every trainable weight
-    used, so it needs no search for unused ones."""
+    used, so it needs no search for unused ones.
+
+    Sharded, the LLM's input embeddings always ask for a gradient: FSDP reduces a layer's gradients as soon as the
+    gradient of its input is computed, or, when its input needs none, only at the end of the backward pass; the
+    first layer's reduction would come at different places on a process with images (embeddings that need a
+    gradient) and on a text-only one, and the processes' collectives would no longer pair up."""
 
     def __init__(self, model: nn.Module, *, cache_vision: bool = False, same_modules_everywhere: bool = False,
-                 tower_is_sharded: bool = False):
+                 sharded: bool = False):
         super().__init__()
         self.model = model
         self.cache: dict[str, torch.Tensor] | None = {} if cache_vision else None
         self.same_modules_everywhere = same_modules_everywhere
-        self.tower_is_sharded = tower_is_sharded
+        self.sharded = sharded
+        if sharded:
+            model.llm.model.register_forward_pre_hook(_input_needs_grad, with_kwargs=True)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         device = self.model.device
@@ -47,7 +54,7 @@ class TrainForward(nn.Module):
             return self.model.visual_encoder(pixels)
         todo = [i for i, key in enumerate(keys) if key is None or key not in self.cache]
         fresh: dict[int, torch.Tensor] = {}
-        if todo or self.tower_is_sharded:
+        if todo or self.sharded:
             with torch.no_grad():
                 out = self.model.visual_encoder(pixels[todo] if todo else pixels[:1])
             # rounded to bf16 whether or not it was cached, so a resumed run (empty cache) sees the same values
@@ -57,3 +64,12 @@ class TrainForward(nn.Module):
                     self.cache[keys[i]] = fresh[i]
         rows = [fresh[i] if i in fresh else self.cache[key] for i, key in enumerate(keys)]
         return torch.stack(rows).float()
+
+
+def _input_needs_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the LLM's decoder stack: text-only input embeddings become a leaf that needs a gradient
+    (same values; the gradient is computed and dropped)."""
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is not None and torch.is_grad_enabled() and not embeds.requires_grad:
+        kwargs["inputs_embeds"] = embeds.detach().requires_grad_()
+    return args, kwargs

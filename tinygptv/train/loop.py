@@ -71,7 +71,7 @@ class Trainer:
             self.model.to(self.device)
         cache = recipe.cache_vision_features and recipe.tune.vision == "frozen"
         self.forward_pass = TrainForward(self.model, cache_vision=cache, same_modules_everywhere=self.dist.enabled,
-                                         tower_is_sharded=self.sharded)
+                                         sharded=self.sharded)
         self.wrapped = distributed.wrap(self.forward_pass, self.dist, recipe.distributed, half)
         # after wrapping: FSDP has replaced every parameter by its shard
         self.groups = apply_tune(self.model, recipe.tune)
