@@ -113,7 +113,8 @@ def main() -> None:
     build_on(device)
     precisions = args.precisions or (["fp16", "bf16"] if device.type == "cuda" else ["fp32", "bf16"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}, {args.steps} steps after 1 warm-up, preset {args.preset or 'of the stage'}")
+    preset = args.preset or "of each stage"
+    print(f"{name}, torch {torch.__version__}, {args.steps} steps after 1 warm-up, preset {preset}")
     print("| stage | image | batch x tokens | precision | checkpointing | planner GiB | peak allocated GiB "
           "| peak reserved GiB | samples/s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,7 +1,8 @@
 # Training on several processes, on the CPU with gloo, launched as users launch it (torchrun): FSDP and DDP with
-# gradient accumulation end with the weights of one process, gradients are reduced once per optimizer step, a run
-# killed while saving resumes to exactly the weights of an uninterrupted run, and two "nodes" meet through torchrun's
-# c10d rendezvous on 127.0.0.1. Run as a script (by torchrun), this file is the worker those tests launch.
+# gradient accumulation end with the weights of one process, gradients are reduced once per optimizer step, a sharded
+# run killed while saving resumes to exactly the weights of an uninterrupted run (and its checkpoint on one process),
+# and two "nodes" meet through torchrun's c10d rendezvous on 127.0.0.1. Run as a script (by torchrun), this file is
+# the worker those tests launch.
 from __future__ import annotations
 
 import argparse
@@ -136,15 +137,31 @@ def fsdp_run(data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def fsdp_recipe_alone(data, tmp_path_factory) -> Path:
+    """The FSDP recipe on one process (which trains plainly)."""
+    out = tmp_path_factory.mktemp("alone")
+    one_process(data, out, *FSDP)
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed_run(data, tmp_path_factory) -> Path:
+    """The FSDP run, killed (SIGKILL) while writing its second checkpoint; tests resume copies of it."""
+    out = tmp_path_factory.mktemp("killed")
+    killed = run_workers(data, out, *FSDP, kill_at_save=STEPS)
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-4000:]
+    return out
+
+
 @pytest.mark.slow
-def test_fsdp_on_two_processes_ends_with_the_weights_of_one(data, fsdp_run, tmp_path):
-    one_process(data, tmp_path / "one", *FSDP)
-    worst = largest_difference(final_weights(tmp_path / "one"), final_weights(fsdp_run))
+def test_fsdp_on_two_processes_ends_with_the_weights_of_one(fsdp_run, fsdp_recipe_alone):
+    worst = largest_difference(final_weights(fsdp_recipe_alone), final_weights(fsdp_run))
     assert worst < 1e-4, f"largest weight difference {worst}"
     # the checkpoint gathered from the shards holds the optimizer state of one process, keyed by parameter name
     from tinygptv.train.checkpointing import checkpoint_dir, load_trainer_state
 
-    one = load_trainer_state(checkpoint_dir(tmp_path / "one", STEPS))["optimizer"]["state"]
+    one = load_trainer_state(checkpoint_dir(fsdp_recipe_alone, STEPS))["optimizer"]["state"]
     two = load_trainer_state(checkpoint_dir(fsdp_run, STEPS))["optimizer"]["state"]
     assert one.keys() == two.keys() and all(isinstance(k, str) for k in two)
     for name in one:
@@ -171,12 +188,14 @@ def test_ddp_with_accumulation_on_two_processes_ends_with_the_weights_of_one(dat
 
 
 @pytest.mark.slow
-def test_a_sharded_run_killed_while_saving_resumes_to_the_uninterrupted_weights(data, fsdp_run, tmp_path):
+def test_a_sharded_run_killed_while_saving_resumes_to_the_uninterrupted_weights(data, fsdp_run, killed_run,
+                                                                              tmp_path):
+    import shutil
+
     from tinygptv.train.checkpointing import list_checkpoints
 
     out = tmp_path / "killed"
-    killed = run_workers(data, out, *FSDP, kill_at_save=STEPS)
-    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-4000:]
+    shutil.copytree(killed_run, out)
     assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{SAVE_EVERY:07d}"]
     assert list(out.glob(".checkpoint-*.tmp")), "the kill came before the save had started writing"
     assert not (out / "final").exists()
@@ -186,6 +205,18 @@ def test_a_sharded_run_killed_while_saving_resumes_to_the_uninterrupted_weights(
     assert not list(out.glob(".checkpoint-*.tmp"))
     whole, after_kill = final_weights(fsdp_run), final_weights(out)
     assert all(torch.equal(whole[k], after_kill[k]) for k in whole)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_one_process(data, killed_run, fsdp_recipe_alone, tmp_path):
+    """The checkpoint gathered from two FSDP processes is the one-process format: one process continues it."""
+    import shutil
+
+    out = tmp_path / "continued"
+    shutil.copytree(killed_run, out)
+    one_process(data, out, *FSDP)
+    worst = largest_difference(final_weights(fsdp_recipe_alone), final_weights(out))
+    assert worst < 1e-4, f"largest weight difference {worst}"
 
 
 @pytest.mark.slow

@@ -206,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train from a recipe (configs/*.yaml): the model to start from, datasets and sample ratios, "
                     "schedule, and which components train. Overrides are key.path=value (e.g. "
                     "schedule.init_lr=3e-5 datasets.0.batch_size=2). Checkpoints go to output_dir; an interrupted "
-                    "run continues from its last checkpoint. Under torchrun the same command trains with DDP.")
+                    "run continues from its last checkpoint. Under torchrun the same command trains with DDP, or "
+                    "FSDP with distributed=fsdp (e.g. torchrun --standalone --nproc_per_node=4 -m tinygptv.cli train "
+                    "RECIPE distributed=fsdp); docs/training.md.")
     p.add_argument("recipe", type=Path)
     p.add_argument("overrides", nargs="*", help="key.path=value changes to the recipe")
     p.add_argument("--dry-run", action="store_true", help="print the expected GPU memory and exit")

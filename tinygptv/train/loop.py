@@ -137,7 +137,8 @@ class Trainer:
         # checkpoints written before the optimizer state was keyed by parameter name hold torch's own layout
         by_index = any(isinstance(p, int) for group in optim["param_groups"] for p in group["params"])
         if by_index and self.sharded:
-            raise ValueError(f"{checkpoint}: an older single-process checkpoint; resume it with distributed: ddp")
+            raise ValueError(f"{checkpoint}: written before sharded checkpoints (optimizer state by index); "
+                             f"resume it on one process or with distributed=ddp")
         distributed.load_trainable(self.model, self.optimizer, {n: weights[n] for n in trainable},
                                    None if by_index else optim)
         if by_index:

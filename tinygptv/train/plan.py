@@ -19,8 +19,10 @@ PROMPT_TOKENS = 64
 # on the CPU, torch 2.13; the same for 128 to 1121 tokens: attention through SDPA keeps no [heads, S, S] tensor).
 # Korthikanti et al.'s 34 (+ 5 a s / h without fused attention) assumes one fused GELU; Phi-2's tanh GELU runs as
 # separate element-wise ops that each keep a 4h-wide tensor, and the q/k LayerNorms keep their inputs too.
+# "frozen" covers the norms-only policy too; Phi-2's was measured with frozen LoRA layers present (stage-4 preset;
+# the stage-1 preset, which has none, keeps 59.2).
 LAYER_BYTES = {
-    "phi": {"frozen": 61.2, "lora": 67.3, "full": 79.3},  # presets tinygptv-stage4 (LoRA present) / -stage1 59.2
+    "phi": {"frozen": 61.2, "lora": 67.3, "full": 79.3},  # presets tinygptv-stage4 / tinygptv-stage1
     "llama": {"frozen": 50.6, "lora": 58.9, "full": 68.2},  # preset nano
 }
 # Per answer position the LM head runs at (the loss reads no other): fp32 log-probabilities kept for backward, then
