@@ -79,13 +79,15 @@ def measure(recipe, device: torch.device, steps: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     trainer.train(max_steps=steps)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     samples = steps * recipe.datasets[0].batch_size * recipe.accum_grad_steps
     out = {"samples_per_s": samples / seconds, "seconds_per_step": seconds / steps}
+    if not cuda:  # the work done, all threads together: on a shared CPU steadier than the wall clock
+        out["cpu_seconds_per_step"] = (time.process_time() - cpu_started) / steps
     if cuda:
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
@@ -116,8 +118,8 @@ def main() -> None:
     preset = args.preset or "of each stage"
     print(f"{name}, torch {torch.__version__}, {args.steps} steps after 1 warm-up, preset {preset}")
     print("| stage | image | batch x tokens | precision | checkpointing | planner GiB | peak allocated GiB "
-          "| peak reserved GiB | samples/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| peak reserved GiB | samples/s | CPU s/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
@@ -145,7 +147,8 @@ def main() -> None:
                         torch.cuda.empty_cache()
                     rows.append(row)
                     cells = [f"{row.get(k):.2f}" if isinstance(row.get(k), float) else str(row.get(k, "n/a"))
-                             for k in ("planner_gib", "peak_allocated_gib", "peak_reserved_gib", "samples_per_s")]
+                             for k in ("planner_gib", "peak_allocated_gib", "peak_reserved_gib", "samples_per_s",
+                                       "cpu_seconds_per_step")]
                     print(f"| {stage} | {row['image_size']} | {row['batch']} x {row['sequence_tokens']} | {precision} "
                           f"| {'on' if checkpointing else 'off'} | " + " | ".join(cells) + " |"
                           + (f" {row['error']}" if "error" in row else ""), flush=True)
