@@ -141,30 +141,33 @@ def clean_stale(target: Path) -> list[Path]:
     """Remove what killed writers of `target` left beside it (staging folders and files of processes that no longer
     run), and put a previous version back if a kill fell between the two renames of replace_dir. Returns what was
     removed."""
-    target = Path(target)
-    parent = target.parent
-    if not parent.is_dir():
+    return clean_stale_in(Path(target).parent, Path(target).name)
+
+
+def clean_stale_in(folder: Path, name: str | None = None) -> list[Path]:
+    """clean_stale for every target in `folder` (name None), or for the one called `name`."""
+    folder = Path(folder)
+    if not folder.is_dir():
         return []
-    removed = []
     # mkdtemp / mkstemp add 8 characters of [a-z0-9_]; a stricter match than a prefix, so that writers of another
     # target whose name merely starts the same ("model" and "model.5") are never taken for ours
-    staging = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[a-z0-9_]{{8}}{re.escape(STAGING_SUFFIX)}")
-    for entry in parent.iterdir():
-        name = entry.name
-        if name.startswith(f".{target.name}{OLD_MARKER}"):
-            pid = name[len(f".{target.name}{OLD_MARKER}"):]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                if not target.exists():
-                    os.replace(entry, target)  # the kill came after the old version moved aside: restore it
-                else:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry)
-        elif (match := staging.fullmatch(name)) and not _pid_alive(int(match[1])):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
+    target = re.escape(name) if name is not None else r".+?"
+    staging = re.compile(rf"\.({target})\.(\d+)\.[a-z0-9_]{{8}}{re.escape(STAGING_SUFFIX)}")
+    old_version = re.compile(rf"\.({target}){re.escape(OLD_MARKER)}(\d+)")
+    removed = []
+    for entry in folder.iterdir():
+        if (match := old_version.fullmatch(entry.name)) and not _pid_alive(int(match[2])):
+            original = folder / match[1]
+            if not original.exists():
+                os.replace(entry, original)  # the kill came after the old version moved aside: restore it
+                continue
+        elif not ((match := staging.fullmatch(entry.name)) and not _pid_alive(int(match[2]))):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
     return removed
 
 

@@ -235,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Train from a recipe (configs/*.yaml): the model to start from, datasets and sample ratios, schedule, and "
         "which components train. Overrides are key.path=value (e.g. schedule.init_lr=3e-5 "
         "datasets.0.batch_size=2). Checkpoints go to output_dir; an interrupted run continues from its last "
-        "checkpoint. Under torchrun the same command trains with DDP.",
+        "checkpoint. Under torchrun the same command trains with DDP, or FSDP with distributed=fsdp "
+        "(docs/training.md).",
         "tinygptv train configs/finetune_nano.yaml --dry-run",
-        "tinygptv train configs/finetune_nano.yaml schedule.iters_per_epoch=20")
+        "torchrun --standalone --nproc_per_node=4 -m tinygptv.cli train configs/tinygptv_stage3.yaml distributed=fsdp")
     p.add_argument("recipe", type=Path, help="recipe file (YAML)")
     p.add_argument("overrides", nargs="*", help="key.path=value changes to the recipe")
     p.add_argument("--dry-run", action="store_true", help="print the expected GPU memory and exit")

@@ -38,26 +38,28 @@ def is_model_entry(name: str) -> bool:
 
 
 def save_pretrained(model: TinyGPTV, directory: str | os.PathLike, *, trainable_only: bool = False,
-                    base_model: str | None = None, overwrite: bool = False) -> Path:
+                    base_model: str | None = None, overwrite: bool = False,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """config.json + model.safetensors + tokenizer files, written into a staging folder and swapped in (a crash never
     leaves a folder that looks complete). trainable_only keeps just the weights with requires_grad and records
     base_model, the folder or Hub id that supplies the rest (a relative path is relative to the saved folder). A
     model card (README.md) already in the folder is kept. A folder holding files of someone else is refused unless
-    `overwrite`, which writes into it and keeps those files."""
+    `overwrite`, which writes into it and keeps those files. `state` stands in for model.state_dict() where the
+    model's own tensors are shards (a sharded training run passes the full weights it gathered onto one process)."""
     directory = Path(directory)
     with writing_dir(directory, is_model_entry, overwrite=overwrite, what="model folder", marker=CONFIG_NAME) as tmp:
         card = directory / MODEL_CARD
         if card.is_file():  # the user's writing about the model: a re-export must not delete it
             shutil.copy2(card, tmp / MODEL_CARD)
-        write_model_files(model, tmp, trainable_only=trainable_only, base_model=base_model)
+        write_model_files(model, tmp, trainable_only=trainable_only, base_model=base_model, state=state)
     return directory
 
 
-def write_model_files(model: TinyGPTV, folder: Path, *, trainable_only: bool = False,
-                      base_model: str | None = None) -> None:
+def write_model_files(model: TinyGPTV, folder: Path, *, trainable_only: bool = False, base_model: str | None = None,
+                      state: dict[str, torch.Tensor] | None = None) -> None:
     """The files of a model folder, into `folder` (a staging folder of writing_dir); config.json last."""
     config = TinyGPTVConfig.from_dict(model.config.to_dict())
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     if trainable_only:
         base = base_model or config.base_model
         if not base:

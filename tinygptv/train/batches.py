@@ -23,6 +23,7 @@ class Batch:
     sources: list[str]
     dataset: str = ""
     image_keys: list[str | None] = field(default_factory=list)  # file path of each sample's image, if it has one
+    any_image: bool = False  # some sample of the global batch (every process's share, not just this one) has an image
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -157,7 +158,9 @@ class MixedBatches:
             if not streamed and bad > len(self.datasets[name]):
                 raise DatasetError(f"dataset {name!r}: every record read in a whole pass was bad")
         per_rank = size // self.world_size
-        return self._collate(name, samples[self.rank * per_rank:(self.rank + 1) * per_rank])
+        batch = self._collate(name, samples[self.rank * per_rank:(self.rank + 1) * per_rank])
+        batch.any_image = any(pixels is not None for _, _, pixels in samples)
+        return batch
 
     def _load(self, name: str, index: int, sample: Sample | None = None):
         """Read one record and open its image. A bad one stops the run with its dataset, file and record, or is

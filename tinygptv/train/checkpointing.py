@@ -1,6 +1,7 @@
-# Training checkpoints: the trainable weights in our format (safetensors, overlaying the run's base) plus optimizer,
-# scaler, data and RNG state, written into a temporary folder and renamed into place, so a kill never leaves a
-# checkpoint that looks complete. Sits beside the loop: loop state <-> run_dir/checkpoint-NNNNNNN/.
+# Training checkpoints: the trainable weights in our format (safetensors, overlaying the run's base) plus optimizer
+# (keyed by parameter name), scaler, data and RNG state, written into a temporary folder and renamed into place, so a
+# kill never leaves a checkpoint that looks complete. One format for one process and for many (sharded or not): the
+# loop gathers the full state onto the first process first. Sits beside the loop: loop state <-> run_dir/checkpoint-N/.
 from __future__ import annotations
 
 import os
@@ -10,26 +11,47 @@ from pathlib import Path
 
 import torch
 
-from tinygptv.atomic import writing_dir
-from tinygptv.checkpoint.native import save_pretrained
+from tinygptv.atomic import clean_stale_in, writing_dir
+from tinygptv.checkpoint.native import load_state, save_pretrained
 
 PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.pt"
-CHECKPOINT_ENTRIES = ("model", STATE_NAME)
+MODEL_DIR = "model"
+CHECKPOINT_ENTRIES = (MODEL_DIR, STATE_NAME)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / f"{PREFIX}{step:07d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, base_model: str, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, base_model: str, weights: dict, trainer_state: dict,
+                    keep: int) -> Path:
+    """`weights` are the trained weights by name (gathered from the shards under FSDP); `trainer_state` holds the
+    optimizer, scaler, data and RNG state."""
     final = checkpoint_dir(run_dir, step)
     with writing_dir(final, lambda name: name in CHECKPOINT_ENTRIES, what="training checkpoint") as tmp:
-        save_pretrained(model, tmp / "model", trainable_only=True, base_model=portable_base(base_model, final / "model"))
-        torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_NAME)
+        save_trainable(model, tmp / MODEL_DIR, base_model, weights, portable_to=final / MODEL_DIR)
+        torch.save(trainer_state, tmp / STATE_NAME)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_trainable(model, directory: Path, base_model: str, weights: dict, portable_to: Path | None = None) -> None:
+    """A model folder with only the trained weights, naming the base that holds the rest (relative to where the folder
+    ends up, `portable_to`, when that differs from where it is written)."""
+    base = portable_base(base_model, portable_to or directory)
+    save_pretrained(model, directory, trainable_only=True, base_model=base, state=weights)
+
+
+def load_trainable_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained weights a checkpoint holds (its own file only: the base's frozen weights are already loaded)."""
+    return load_state(checkpoint / MODEL_DIR)
+
+
+def remove_unfinished(run_dir: Path) -> None:
+    """Staging folders of checkpoints whose writer was killed: never complete, never read, only taking space."""
+    clean_stale_in(run_dir)
 
 
 def portable_base(base_model: str, model_dir: Path) -> str:

@@ -13,15 +13,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tinygptv.checkpoint.native import collect_state, save_pretrained
+from tinygptv.checkpoint.native import save_pretrained
 from tinygptv.data.datasets import DATASETS
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import TEMPLATES
 from tinygptv.train import distributed
-from tinygptv.train.batches import Batch, MixedBatches, PromptRenderer
+from tinygptv.train.batches import MixedBatches, PromptRenderer
 from tinygptv.train.checkpointing import (
-    list_checkpoints, load_trainer_state, portable_base, restore_rng, save_checkpoint,
+    list_checkpoints, load_trainable_weights, load_trainer_state, remove_unfinished, restore_rng, rng_state,
+    save_checkpoint, save_trainable,
 )
+from tinygptv.train.forward import TrainForward
 from tinygptv.train.recipe import Recipe, recipe_dict
 from tinygptv.train.schedule import learning_rate
 from tinygptv.train.start import build_start_model
@@ -47,29 +49,41 @@ class Trainer:
             # Denormal floats make CPU kernels (exp in SiLU/GELU, above all) orders of magnitude slower: measured
             # 2 s -> 35 s per step once training produced them. Flushing them to zero changes nothing that matters.
             torch.set_flush_denormal(True)
-        torch.manual_seed(recipe.seed + self.dist.rank)
+        # Every process builds the same start model (FSDP keeps each one's shard of its own copy); then each draws
+        # its own dropout masks.
+        torch.manual_seed(recipe.seed)
         random.seed(recipe.seed + self.dist.rank)
         self.run_dir = Path(recipe.output_dir)
         self.model, base = build_start_model(recipe)
-        self.model.to(self.device)
-        self.groups = apply_tune(self.model, recipe.tune)
+        if self.dist.rank:
+            torch.manual_seed(recipe.seed + self.dist.rank)
+        checkpoint = self._find_checkpoint(resume)
+        state = load_trainer_state(checkpoint) if checkpoint else None
+        self.base = state["base"] if state else base or self._save_base()
+        apply_tune(self.model, recipe.tune)
         self.precision = pick_precision(recipe, self.device)
-        if self.precision in ("bf16", "fp16") and self.device.type == "cuda":
-            self._cast_frozen(torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if half is not None and self.device.type == "cuda":
+            self._cast_frozen(half)
         if recipe.gradient_checkpointing:
             self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.sharded = recipe.distributed == "fsdp" and self.dist.enabled
+        if not self.sharded:  # FSDP moves each shard to the device itself: no process holds the whole model there
+            self.model.to(self.device)
+        cache = recipe.cache_vision_features and recipe.tune.vision == "frozen"
+        self.forward_pass = TrainForward(self.model, cache_vision=cache, same_modules_everywhere=self.dist.enabled,
+                                         sharded=self.sharded)
+        self.wrapped = distributed.wrap(self.forward_pass, self.dist, recipe.distributed, half)
+        # after wrapping: FSDP has replaced every parameter by its shard
+        self.groups = apply_tune(self.model, recipe.tune)
+        self.image_path = [p for comp in ("vision", "qformer", "projector") for _, p in self.groups.get(comp, [])]
         self.optimizer = build_optimizer(self.groups, recipe.schedule.weight_decay, recipe.tune.lr_scale)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.stream = self._build_stream()
         self.step = 0
-        self.base = base
-        self.wrapped = distributed.wrap(self.model, self.dist, recipe.distributed)
         self._writers = None
-        self._vision_cache: dict[str, torch.Tensor] = {}
-        if resume:
-            self._maybe_resume(resume)
-        if self.base is None:
-            self.base = self._save_base()
+        if state:
+            self._resume(checkpoint, state)
 
     # --- set-up -----------------------------------------------------------------------------------------------------
 
@@ -95,66 +109,54 @@ class Trainer:
                             world_size=self.dist.world_size)
 
     def _save_base(self) -> str:
-        """A start model whose frozen weights exist nowhere else (a random preset) is saved once, in full."""
+        """A start model whose frozen weights exist nowhere else (a random preset) is saved once, in full (before
+        any sharding, while every process still holds the whole model)."""
         base = self.run_dir / "base"
         if self.dist.is_main and not (base / "config.json").is_file():
             save_pretrained(self.model, base)
         distributed.barrier(self.dist)
         return str(base)
 
-    def _maybe_resume(self, resume: str) -> None:
-        if resume == "auto":
-            found = list_checkpoints(self.run_dir)
-            if not found:
-                return
-            checkpoint = found[-1]
-        else:
-            checkpoint = Path(resume)
-        state = load_trainer_state(checkpoint)
-        _, weights = collect_state(checkpoint / "model")
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        missing = trainable - set(weights)
+    def _find_checkpoint(self, resume: str | None) -> Path | None:
+        if not resume:
+            return None
+        if resume != "auto":
+            return Path(resume)
+        found = list_checkpoints(self.run_dir)
+        return found[-1] if found else None
+
+    def _resume(self, checkpoint: Path, state: dict) -> None:
+        """Every process reads the checkpoint and keeps its part: the same continuation whether the run was saved by
+        one process or many, sharded or not."""
+        weights = load_trainable_weights(checkpoint)
+        # in the model's order: loading is a collective per tensor under FSDP, so every process must go the same way
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        missing = set(trainable) - set(weights)
         if missing:
             raise ValueError(f"{checkpoint}: trainable weights missing: {sorted(missing)[:8]}")
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name in trainable:
-                params[name].copy_(weights[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optim = state["optimizer"]
+        # checkpoints written before the optimizer state was keyed by parameter name hold torch's own layout
+        by_index = any(isinstance(p, int) for group in optim["param_groups"] for p in group["params"])
+        if by_index and self.sharded:
+            raise ValueError(f"{checkpoint}: written before sharded checkpoints (optimizer state by index); "
+                             f"resume it on one process or with distributed=ddp")
+        distributed.load_trainable(self.model, self.optimizer, {n: weights[n] for n in trainable},
+                                   None if by_index else optim)
+        if by_index:
+            self.optimizer.load_state_dict(optim)
         self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["data"])
         self.step = state["step"]
-        self.base = state["base"]
-        restore_rng(state["rng"])
+        per_rank = state.get("rng_ranks")
+        if per_rank and len(per_rank) == self.dist.world_size:
+            restore_rng(per_rank[self.dist.rank])
+        elif self.dist.is_main:
+            restore_rng(state["rng"])  # saved by one process, or by another number of them: the others start afresh
         if self.dist.is_main:
+            remove_unfinished(self.run_dir)
             print(f"resumed from {checkpoint} at step {self.step}", file=sys.stderr)
 
     # --- the loop ---------------------------------------------------------------------------------------------------
-
-    def _vision_tokens(self, batch: Batch) -> torch.Tensor:
-        """The frozen tower's output for the batch's images, from the cache where it has them."""
-        pixels = batch.pixel_values.to(self.device)
-        if not (self.recipe.cache_vision_features and self.recipe.tune.vision == "frozen"):
-            return self.model.visual_encoder(pixels)
-        todo = [i for i, key in enumerate(batch.image_keys) if key is None or key not in self._vision_cache]
-        fresh: dict[int, torch.Tensor] = {}
-        if todo:
-            with torch.no_grad():
-                # rounded to bf16 whether or not it was cached, so a resumed run (empty cache) sees the same values
-                fresh = dict(zip(todo, self.model.visual_encoder(pixels[todo]).to(torch.bfloat16)))
-            for i in todo:
-                if batch.image_keys[i] is not None:
-                    self._vision_cache[batch.image_keys[i]] = fresh[i]
-        rows = [fresh[i] if i in fresh else self._vision_cache[key] for i, key in enumerate(batch.image_keys)]
-        return torch.stack(rows).float()
-
-    def _loss(self, batch: Batch) -> torch.Tensor:
-        embeds = None
-        if batch.pixel_values is not None:
-            encoded = iter(self.model.embed_vision_tokens(self._vision_tokens(batch)))
-            embeds = [next(encoded) if has else None for has in batch.has_image]
-        out = self.wrapped(None, batch.prompts, batch.answers, image_embeds=embeds)
-        return out.loss
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -185,14 +187,21 @@ class Trainer:
             lr = learning_rate(r.schedule, self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            step_loss, samples = 0.0, 0
-            for _ in range(r.accum_grad_steps):
+            step_loss, samples, any_image = 0.0, 0, False
+            for i in range(r.accum_grad_steps):
                 batch = self.stream.next_batch()
-                with self._autocast():
-                    loss = self._loss(batch) / r.accum_grad_steps
-                self.scaler.scale(loss).backward()
+                any_image |= batch.any_image
+                with distributed.gradient_sync(self.wrapped, i == r.accum_grad_steps - 1):
+                    with self._autocast():
+                        loss = self.wrapped(batch) / r.accum_grad_steps
+                    self.scaler.scale(loss).backward()
                 step_loss += loss.item()
                 samples += len(batch) * self.dist.world_size
+            if not any_image:
+                # Only blank images (weight 0) went through the image path: one process would have left its weights
+                # without a gradient, and AdamW skips such a weight (no decay, no moment update). Do the same.
+                for param in self.image_path:
+                    param.grad = None
             if r.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_([p for g in self.groups.values() for _, p in g], r.grad_clip)
@@ -241,29 +250,37 @@ class Trainer:
 
     # --- saving -----------------------------------------------------------------------------------------------------
 
-    def trainer_state(self) -> dict:
-        return {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "data": self.stream.state_dict(),
-            "base": self.base,
-            "recipe": json.dumps(recipe_dict(self.recipe)),
-        }
+    def _gather(self) -> tuple[dict, dict, list | None]:
+        """Trained weights, optimizer state and every process's RNG state, on the first process. Every process takes
+        part (under FSDP the weights are shards)."""
+        weights, optim = distributed.gather_trainable(self.model, self.optimizer)
+        return weights, optim, distributed.gather_objects(rng_state(), self.dist)
 
     def save(self) -> Path | None:
+        weights, optim, rngs = self._gather()
         path = None
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            path = save_checkpoint(self.run_dir, self.step, self.model, self.base, self.trainer_state(),
+            state = {
+                "step": self.step,
+                "optimizer": optim,
+                "scaler": self.scaler.state_dict(),
+                "data": self.stream.state_dict(),
+                "base": self.base,
+                "recipe": json.dumps(recipe_dict(self.recipe)),
+                "rng": rngs[0],
+            }
+            if self.dist.enabled:
+                state["rng_ranks"] = rngs
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.base, weights, state,
                                    self.recipe.keep_checkpoints)
         distributed.barrier(self.dist)
         return path
 
     def save_final(self) -> None:
+        weights, _, _ = self._gather()
         if self.dist.is_main:
             final = self.run_dir / "final"
-            save_pretrained(self.model, final, trainable_only=True, base_model=portable_base(self.base, final))
+            save_trainable(self.model, final, self.base, weights)
             (self.run_dir / "recipe.json").write_text(json.dumps(recipe_dict(self.recipe), indent=2) + "\n")
             print(f"final model: {final}", file=sys.stderr)
         distributed.barrier(self.dist)
