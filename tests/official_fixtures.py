@@ -291,7 +291,7 @@ def llm_prefix(stage: int) -> str:
 
 def stage_weights(dims: Dims = TINY, *, stage: int, lora_default: bool = False, with_qformer: bool = False,
                   seed: int = 3, meta: bool = False) -> dict[str, torch.Tensor]:
-    """Only what trains is saved (spec 6.3): projections, norm weights, LoRA from stage 2 on, and for the
+    """Only what trains is saved in the release: projections, norm weights, LoRA from stage 2 on, and for the
     Dec-2023 stage-4 file the whole Q-Former; plus the Q-Former's position_ids buffer."""
     rnd, d, dh = _Random(seed, meta), dims.hidden, dims.hidden // dims.heads
     sd: dict[str, torch.Tensor] = {}

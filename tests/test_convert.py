@@ -448,7 +448,7 @@ def test_head_counts_that_shapes_cannot_give_must_be_passed(tmp_path):
         plan_official(files.official, files.phi2, files.eva, files.blip2, vit_heads=2)
 
 
-# microsoft/phi-2's config.json (the values spec 2.1 lists).
+# microsoft/phi-2's config.json (its published values).
 PHI2_CONFIG = {
     "model_type": "phi", "vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240,
     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "resid_pdrop": 0.1,
@@ -460,7 +460,7 @@ PHI2_CONFIG = {
 
 @pytest.mark.parametrize("stage,with_qformer,layout", [(1, False, "split"), (3, False, "fused"), (4, True, "split")])
 def test_real_key_layout_converts_to_the_stage_presets(stage, with_qformer, layout):
-    """The release's key names and sizes (shape-only meta tensors, spec 6.3) convert, with no size or head-count
+    """The release's key names and sizes (shape-only meta tensors) convert, with no size or head-count
     argument, to exactly our stage preset, and the result fits the full-size model key for key."""
     container = ["optimizer", "scaler", "epoch"]
     official = LoadedFile("TinyGPT-V_for_Stage.pth", stage_weights(REAL, stage=stage, with_qformer=with_qformer,

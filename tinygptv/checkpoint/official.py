@@ -41,7 +41,7 @@ BLIP2 = "BLIP-2"
 
 EVA_HEAD_DIM = 88  # LAVIS create_eva_vit_g builds num_heads = width // 88 (1408 -> 16)
 QFORMER_HEAD_DIM = 64  # BERT-base: 768 / 12
-DEFAULT_LORA_ALPHA = 16  # every official config (spec 3)
+DEFAULT_LORA_ALPHA = 16  # every official config
 PEFT_PREFIX = "llama_model.base_model.model.model."  # stages 2-4: the LLM wrapped by peft
 PLAIN_PREFIX = "llama_model.model."  # stage 1: no peft wrapper
 QFORMER_POSITION_IDS = "Qformer.bert.embeddings.position_ids"

@@ -30,7 +30,7 @@ class Batch:
 
 
 class PromptRenderer:
-    """Renders a Sample the way the official training does (spec 4.2-4.3): the first instruction, with the image
+    """Renders a Sample the way the official training does: the first instruction, with the image
     markup, wrapped in the template; answers closed by end_sym; each follow-up question preceded by the EOS text
     and left unsupervised. A caption-only sample (instruction None) is just the image."""
 

@@ -87,14 +87,22 @@ def plan_memory(recipe: Recipe, half_bytes: int = 2) -> dict:
 
 def format_plan(plan: dict, card_gb: float = 24.0) -> str:
     lines = [f"batch {plan['recipe_batch']} x ~{plan['sequence_tokens']} tokens, "
-             f"{plan['trainable_parameters']:,} trainable parameters (sizes in GiB)"]
+             f"{plan['trainable_parameters']:,} trainable parameters (sizes in GiB)",
+             "  (batch: the recipe's largest per-step batch; tokens: BOS + template text + image embeddings + the "
+             "longest answer, max_txt_len)"]
     for k, v in plan["parts_gb"].items():
         lines.append(f"  {k:<50}{v:8.2f} GiB")
     for k, v in plan["activations_gb"].items():
         lines.append(f"  activations {k:<38}{v:8.2f} GiB")
+    used = "with gradient checkpointing" if plan["gradient_checkpointing_in_recipe"] else "without checkpointing"
     for k, v in plan["total_gb"].items():
         verdict = "fits" if v < card_gb * 0.92 else "does not fit"
-        lines.append(f"  TOTAL {k:<44}{v:8.2f} GiB  ({verdict} a {card_gb:.0f} GB card)")
-    lines.append("Estimates, not measurements: allocator overhead and CUDA context add about 1 GiB. With N processes "
-                 "each holds batch / N; FSDP also divides the weights, gradients and AdamW state by N.")
+        mark = "  <- this recipe" if k == used else ""
+        lines.append(f"  TOTAL {k:<44}{v:8.2f} GiB  ({verdict} a {card_gb:.0f} GB card){mark}")
+    switch = "off: gradient_checkpointing=false" if plan["gradient_checkpointing_in_recipe"] else \
+        "on: gradient_checkpointing=true"
+    lines.append(f"The recipe sets gradient checkpointing {'on' if plan['gradient_checkpointing_in_recipe'] else 'off'}"
+                 f" (turn it {switch} as an override). Estimates, not measurements: allocator overhead and CUDA "
+                 "context add about 1 GiB. With N processes each holds batch / N; FSDP also divides the weights, "
+                 "gradients and AdamW state by N.")
     return "\n".join(lines)
