@@ -66,14 +66,26 @@ def test_chat_turns_image_switch_and_reset(trained_dir, colour_images):
     session = ChatSession(load_pretrained(trained_dir), template="stage3",
                           settings=GenerationSettings(max_new_tokens=10))
     script = io.StringIO(f"/image {colour_images['red']}\nwhat colour is it?\n/image {colour_images['blue']}\n"
-                         "what colour is it?\n/image /no/such.png\n/reset\n/quit\n")
+                         "what colour is it?\n/image /no/such.png\n/image\n/help\n/reset\n/frobnicate\n/quit\n")
     out = io.StringIO()
     run_chat(session, stdin=script, stdout=out)
     text = out.getvalue()
     assert "tinygptv> red\n" in text and "tinygptv> blue\n" in text
     assert "error: /no/such.png: no such image file" in text
-    assert "(conversation reset)" in text
-    assert session.conversation.turns == []
+    assert "usage: /image PATH" in text  # not ".: no such image file"
+    assert "/noimage" in text.split("/reset")[0]  # /help lists the commands
+    assert "(conversation reset; the image stays" in text and "unknown command /frobnicate" in text
+    assert session.conversation.turns == [] and session.image_embeds is not None
+
+
+def test_chat_noimage_goes_back_to_text_only(trained_dir, colour_images):
+    session = ChatSession(load_pretrained(trained_dir), template="stage3",
+                          settings=GenerationSettings(max_new_tokens=10))
+    out = io.StringIO()
+    run_chat(session, stdin=io.StringIO(f"/image {colour_images['red']}\n/noimage\nwhat colour is it?\n"),
+             stdout=out)
+    assert "(no image: text-only questions" in out.getvalue()
+    assert session.image_embeds is None and "<ImageHere>" not in session.conversation.prompt()
 
 
 def test_chat_keeps_the_conversation_and_the_image_embeddings(trained_dir, colour_images):

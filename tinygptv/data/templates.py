@@ -67,6 +67,11 @@ class Conversation:
             raise ValueError("the previous question has no answer yet")
         self.turns.append((IMAGE_PROMPT.format(text) if with_image else text, None))
 
+    def drop_question(self) -> None:
+        """Take back the last question if it has no answer (its generation failed or was stopped)."""
+        if self.turns and self.turns[-1][1] is None:
+            self.turns.pop()
+
     def add_answer(self, text: str) -> None:
         if not self.turns or self.turns[-1][1] is not None:
             raise ValueError("no question is waiting for an answer")

@@ -23,6 +23,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     stop_strings: tuple[str, ...] | None = None
     min_new_tokens: int = 0  # end-of-text is masked until then (the bench decodes an exact number of tokens)
+    max_repeats: int = 0  # stop an answer repeating one phrase this many times in a row (model/stopping.py); 0: off
 
     def __post_init__(self):
         if self.stop_strings is not None and not isinstance(self.stop_strings, tuple):
@@ -44,7 +45,7 @@ class GenerationSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("max_new_tokens", "num_beams", "min_new_tokens"):
+        for name in ("max_new_tokens", "num_beams", "min_new_tokens", "max_repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -58,6 +59,8 @@ class GenerationSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 1 <= self.num_beams <= MAX_BEAMS:
             raise ValueError(f"num_beams must be in [1, {MAX_BEAMS}], got {self.num_beams}")
+        if self.max_repeats == 1 or self.max_repeats < 0:
+            raise ValueError(f"max_repeats must be 0 (off) or at least 2, got {self.max_repeats}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty}")
         if self.stop_strings is not None and not all(isinstance(s, str) for s in self.stop_strings):

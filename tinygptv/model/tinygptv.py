@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from transformers import StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutput
 
 from tinygptv.config import TinyGPTVConfig
@@ -16,6 +17,7 @@ from tinygptv.model.llm import LLM_ADAPTERS, build_llm
 from tinygptv.model.lora import add_lora, is_lora_param, merge_lora
 from tinygptv.model.projector import Projector
 from tinygptv.model.qformer import QFormerConnector
+from tinygptv.model.stopping import RepeatGuard
 from tinygptv.model.vision import build_vision_tower
 
 IGNORE_INDEX = -100
@@ -231,10 +233,12 @@ class TinyGPTV(nn.Module):
             prompts, image_embeds, add_bos=self.config.prompt.bos_at_inference, padding_side="left"
         )
         end_sym = self.config.prompt.end_sym
+        stopping = StoppingCriteriaList([RepeatGuard(settings.max_repeats)] if settings.max_repeats else [])
         out = self.llm.generate(  # [B, new tokens]: with inputs_embeds only the new tokens come back
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
             streamer=streamer,
+            stopping_criteria=stopping,
             **settings.generate_kwargs(self.config.llm, self.tokenizer, end_sym),
         )
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -91,10 +91,8 @@ class DemoBackend:
             try:
                 with self.lock:
                     outcome.append(session.ask(question, task=task, on_text=pieces.put))
-            except BaseException as e:  # raised again in the page's thread below
+            except BaseException as e:  # raised again in the page's thread below (ask took the question back)
                 outcome.append(e)
-                if session.conversation.turns and session.conversation.turns[-1][1] is None:
-                    session.conversation.turns.pop()  # the question failed: the conversation goes on without it
             finally:
                 pieces.put(None)
 
