@@ -17,7 +17,7 @@ from tinygptv.data.datasets.text import (ALIGNMENT_PROMPTS, CAPTION_POOL, CAPTIO
                                          GROUNDING_POOL, IDENTIFY_POOL, REFER_POOL, VQA_POOL, blip_caption, box_text)
 from tinygptv.data.datasets.vqa import weighted_answer
 from tinygptv.data.datasets.webdataset import expand_braces
-from tinygptv.data.image_processor import open_image
+from tinygptv.data.image_file import open_image
 
 
 def only_turn(sample: Sample) -> tuple[str | None, str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from tinygptv.data.image_file import open_image
 from tinygptv.eval.refcoco import grid_to_pixels
 
 BOX_WITH_PHRASE = re.compile(r"(?:<p>([^<]*)</p>\s*)?\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")
@@ -19,7 +20,7 @@ def boxes_in(answer: str) -> list[tuple[str, tuple[int, int, int, int]]]:
 
 def draw_boxes(image_path: str | Path, answer: str, out: str | Path) -> int:
     """Writes the image with the answer's boxes to `out`; returns how many boxes were drawn."""
-    image, drawn = draw_on(Image.open(image_path), answer)
+    image, drawn = draw_on(open_image(image_path), answer)  # upright, as the model saw it
     image.save(out)
     return drawn
 

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 import torch
 
 from tinygptv.data.datasets.sample import DatasetError, Sample
-from tinygptv.data.image_processor import ImageError, ImageProcessor
+from tinygptv.data.image_file import ImageError
+from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import Template
 
 

@@ -8,7 +8,7 @@ from typing import Union
 
 from PIL import Image
 
-from tinygptv.data.image_processor import EncodedImage
+from tinygptv.data.image_file import EncodedImage
 
 ImageRef = Union[str, EncodedImage, Image.Image, None]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from tinygptv.data.datasets.base import DATASETS, PathLike, need
-from tinygptv.data.image_processor import EncodedImage
+from tinygptv.data.image_file import EncodedImage
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.data.datasets.text import blip_caption
 
