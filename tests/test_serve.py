@@ -198,7 +198,7 @@ def test_worker_batches_waiting_requests_without_changing_answers(nano, referenc
 
     worker = GenerationWorker(nano, max_queue=3, max_batch=4)
     encoded, batches = [], []
-    worker.model = SimpleNamespace(**{name: getattr(nano, name) for name in ("tokenize", "config")},
+    worker.model = SimpleNamespace(**{name: getattr(nano, name) for name in ("tokenize", "prompt_tokens", "config")},
                                    encode_image=lambda px: encoded.append(px) or nano.encode_image(px),
                                    generate=lambda *a, **k: batches.append(len(a[1])) or nano.generate(*a, **k))
     worker.submit(job(0, QUESTION, True))
@@ -248,7 +248,7 @@ BAD_REQUESTS = {
     "n": (dict(n=2), "n=2"),
     "malformed data URL": (dict(messages=[image_message("data:image/png;base64,not*base64")]), "base64"),
     "not an image": (dict(messages=[image_message("data:image/png;base64," + base64.b64encode(b"hello").decode())]),
-                     "not a readable image"),
+                     "not an image in a supported format"),
     "http URL": (dict(messages=[image_message("https://example.com/cat.png")]), "only data: URLs"),
     "max_tokens": (dict(max_tokens=100), "max_tokens=100 is above"),
     "too many pixels": (dict(messages=[image_message(big_image_url())]), "megapixels"),
