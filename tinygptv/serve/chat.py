@@ -10,7 +10,7 @@ import torch
 from tinygptv.data.image_file import DEFAULT_MAX_PIXELS
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import TEMPLATES, Conversation, inference_template, with_task
-from tinygptv.model.generation import GenerationSettings, PromptTooLong
+from tinygptv.model.generation import GenerationSettings, PromptTooLong, utf8_problem
 from tinygptv.model.streaming import stream_generate
 from tinygptv.model.tinygptv import TinyGPTV
 
@@ -39,11 +39,13 @@ class ChatSession:
         self.reset()
 
     def ask(self, question: str, task: str | None = None, on_text: Callable[[str], None] | None = None) -> str:
+        if utf8_problem(question):  # bytes that were not UTF-8 (argv, stdin): the tokenizer cannot take them
+            raise ValueError(f"the question is not valid UTF-8 ({utf8_problem(question)})")
         first = not self.conversation.turns
         self.conversation.add_user(with_task(question, task), with_image=first and self.image_embeds is not None)
         images = [self.image_embeds[0] if self.image_embeds is not None else None]
         prompt = self.conversation.prompt()
-        try:  # before any generation: a prompt too long (or not UTF-8) is refused, the conversation goes on without it
+        try:  # before any generation: a prompt too long is refused, the conversation goes on without it
             self.model.check_prompt_length(prompt, self.settings.max_new_tokens, self.max_prompt_tokens)
         except ValueError:
             self.conversation.turns.pop()
