@@ -152,16 +152,17 @@ class GenerationWorker:
             self._embeddings.popitem(last=False)
         return embed
 
-    def _deadline(self) -> float:
-        return time.monotonic() + self.time_limit if self.time_limit is not None else float("inf")
+    def _stop_rows(self, jobs: list[Job]) -> StoppingCriteriaList:
+        """Checked by generate() after every token: the time limit, and clients that have gone."""
+        deadline = time.monotonic() + self.time_limit if self.time_limit is not None else float("inf")
+        return StoppingCriteriaList([_StopRows(jobs, deadline, self.model.config.llm.pad_token_id)])
 
     def _batch(self, jobs: list[Job]) -> None:
         embeds = [self._embed(job) for job in jobs]
         if jobs[0].seed is not None:
             torch.manual_seed(jobs[0].seed)
-        stop = StoppingCriteriaList([_StopRows(jobs, self._deadline(), self.model.config.llm.pad_token_id)])
         texts = self.model.generate(None, [job.prompt for job in jobs], image_embeds=embeds, settings=jobs[0].settings,
-                                    stopping_criteria=stop)
+                                    stopping_criteria=self._stop_rows(jobs))
         for job, embed, text in zip(jobs, embeds, texts):
             _call(job.on_done, self._completion(job, embed, text))
 
@@ -171,21 +172,14 @@ class GenerationWorker:
             torch.manual_seed(job.seed)
         strip = _Strip()
         pieces = []
-        deadline = self._deadline()
-        # closing the stream (leaving the with block) stops its generation thread at the next token and waits for it,
-        # so the model is free for the next job as soon as the client has gone or the time is up
-        with contextlib.closing(stream_generate(self.model, None, job.prompt, job.settings,
-                                                image_embeds=[embed])) as stream:
+        stream = stream_generate(self.model, None, job.prompt, job.settings, image_embeds=[embed],
+                                 stopping_criteria=self._stop_rows([job]))
+        with contextlib.closing(stream):  # however this ends, the generation thread has left the model
             for piece in stream:
                 pieces.append(piece)
                 text = strip.feed(piece)
                 if text and not job.cancelled:
                     _call(job.on_text, text)
-                if job.cancelled:
-                    break
-                if time.monotonic() > deadline:
-                    job.timed_out = True
-                    break
         _call(job.on_done, self._completion(job, embed, "".join(pieces).strip()))
 
     def _completion(self, job: Job, embed: torch.Tensor | None, text: str) -> Completion:
