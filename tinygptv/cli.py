@@ -298,11 +298,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def error_message(e: BaseException) -> str:
+    """One line, always: some libraries' messages (torch's weights_only refusal) run over several."""
     if isinstance(e, KeyError) and e.args:
-        return str(e.args[0])
-    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
-        return f"{e.filename}: {e.strerror or e}"
-    return str(e)
+        text = str(e.args[0])
+    elif isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
+        text = f"{e.filename}: {e.strerror or e}"
+    else:
+        text = str(e)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from official_fixtures import TINY, write_official_set
+from bad_inputs.commands import ROOT, convert_args, one_line_error, train_args
+from official_fixtures import write_official_set
 from tinygptv.atomic import STAGING_SUFFIX, clean_stale
 from tinygptv.checkpoint.native import load_pretrained
 from tinygptv.cli import main
 from tinygptv.eval.runner import check_out_dir
 from tinygptv.train.checkpointing import list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY_DATA = ROOT / "examples" / "tiny-data" / "train.json"
 
 
 def precious_folder(path: Path) -> Path:
@@ -34,23 +33,6 @@ def precious_folder(path: Path) -> Path:
 
 def intact(path: Path) -> bool:
     return (path / "notes.txt").read_text() == "keep me" and (path / "holiday" / "beach.jpg").is_file()
-
-
-def one_line_error(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith(f"tinygptv {command}: error: ") and err.count("\n") == 1, err
-    return err
-
-
-def convert_args(files, out: Path) -> list[str]:
-    return ["convert", "--official-ckpt", str(files.official), "--phi2", str(files.phi2), "--eva", str(files.eva),
-            "--blip2", str(files.blip2), "--out", str(out), "--vit-heads", str(TINY.vit_heads),
-            "--qformer-heads", str(TINY.q_heads)]
-
-
-def train_args(out: Path, *extra: str) -> list[str]:
-    return ["train", str(ROOT / "configs" / "tiny.yaml"), f"output_dir={out}", f"datasets.0.args.ann_path={TINY_DATA}",
-            "tensorboard=false", *extra]
 
 
 def test_export_refuses_a_folder_of_someone_else_and_overwrite_keeps_its_files(tiny_dir, tmp_path, capsys):
