@@ -39,8 +39,9 @@ class ChatSession:
         self.reset()
 
     def ask(self, question: str, task: str | None = None, on_text: Callable[[str], None] | None = None) -> str:
-        if utf8_problem(question):  # bytes that were not UTF-8 (argv, stdin): the tokenizer cannot take them
-            raise ValueError(f"the question is not valid UTF-8 ({utf8_problem(question)})")
+        problem = utf8_problem(question)  # bytes that were not UTF-8 (argv, stdin): the tokenizer cannot take them
+        if problem:
+            raise ValueError(f"the question is not valid UTF-8 ({problem})")
         first = not self.conversation.turns
         self.conversation.add_user(with_task(question, task), with_image=first and self.image_embeds is not None)
         images = [self.image_embeds[0] if self.image_embeds is not None else None]

@@ -67,7 +67,7 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+        headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)

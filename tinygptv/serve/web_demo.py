@@ -86,7 +86,9 @@ class DemoBackend:
         except Exception as e:  # the page shows why, the question goes back into its box to be asked again
             yield history[:-2], question, None, f"Generation failed: {_shown(str(e))}", session
             return
-        shown = open_image(image, max_pixels=self.max_image_pixels) if session.image_embeds is not None else None
+        shown = None
+        if image is not None and session.image_embeds is not None:  # the upload, upright, as the model saw it
+            shown = open_image(image, max_pixels=self.max_image_pixels)
         boxed, drawn = draw_on(shown, answer) if shown is not None else (None, 0)
         took = time.perf_counter() - started
         status = f"Turn {len(history) // 2} answered in {took:.1f} s"
