@@ -7,7 +7,6 @@ import base64
 import io
 import shutil
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +14,6 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 from tinygptv.data.templates import single_prompt
@@ -23,6 +21,7 @@ from tinygptv.model.generation import GenerationSettings
 from tinygptv.serve.chat import ChatSession
 from tinygptv.checkpoint.loading import load_model
 from tinygptv.serve.openai_schema import ChatRequest, build_prompt
+from serve_fixtures import parse_serve, serving
 from tinygptv.serve.serve_cli import add_serve_parser, app_from_args
 from tinygptv.serve.worker import GenerationWorker, Job, QueueFull
 
@@ -31,12 +30,6 @@ QUESTION, FOLLOW_UP = "What is in this image?", "What colour is the circle?"
 TEXT_QUESTION = "Write a sentence about the sea."  # a long answer, for the length and stop checks
 TOKENS = 10
 KEY = "test-key"
-
-
-def parse_serve(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tinygptv")
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["serve", *argv])
 
 
 def data_url(path: Path) -> str:
@@ -71,17 +64,8 @@ def server(nano, tmp_path_factory):
                         "--max-image-megapixels", "1", "--max-tokens-limit", "64", "--allow-local-files", str(allowed),
                         "--model-alias", "gpt-4o-mini"])
     app = app_from_args(nano, args)
-    uv = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    yield SimpleNamespace(url=f"http://{args.host}:{port}/v1", app=app, allowed=allowed)
-    uv.should_exit = True
-    thread.join(30)
+    with serving(app, args.host) as port:
+        yield SimpleNamespace(url=f"http://{args.host}:{port}/v1", app=app, allowed=allowed)
 
 
 @pytest.fixture

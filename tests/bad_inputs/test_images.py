@@ -7,7 +7,6 @@ import io
 import time
 
 import pytest
-from PIL import Image
 
 from bad_inputs.hostile import (big_jpeg, bomb_png, cmyk_jpeg, grey16_png, noisy_image, png_bytes, rotated_photo,
                                 transparent_png, truncated)

@@ -5,30 +5,22 @@
 # or after its client has gone.
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import socket
-import threading
 import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
-import uvicorn
 
 from bad_inputs.hostile import bomb_png, noisy_image, png_bytes
 from tinygptv.checkpoint.native import load_pretrained
-from tinygptv.serve.serve_cli import add_serve_parser, app_from_args
+from serve_fixtures import parse_serve, serving
+from tinygptv.serve.serve_cli import app_from_args
 
 GOOD = {"role": "user", "content": "hi"}
 LONG = 300  # answer tokens: with the template, most of the tiny model's 512-token context
-
-
-def parse_serve(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tinygptv")
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["serve", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +31,9 @@ def server(tiny_dir, tmp_path_factory):
     args = parse_serve(["--model", tiny_dir, "--port", "0", "--max-body-mb", "4", "--max-image-megapixels", "1",
                         "--max-tokens-limit", "400", "--max-new-tokens", "2", "--allow-local-files", str(allowed)])
     app = app_from_args(model, args)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/v1/chat/completions", port=port, app=app, model=model,
-                          allowed=allowed)
-    uv.should_exit = True
-    thread.join(30)
+    with serving(app) as port:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}/v1/chat/completions", port=port, app=app, model=model,
+                              allowed=allowed)
 
 
 def post(server, body, timeout: float = 60) -> httpx.Response:

@@ -94,7 +94,7 @@ def test_eval_refuses_a_folder_of_someone_else_before_loading_a_model(tmp_path, 
     check_out_dir(out / "holiday", overwrite=True)
 
 
-# --- killed writers ----------------------------------------------------------------------------------------------------
+# --- killed writers ---------------------------------------------------------------------------------------------------
 
 # Runs the CLI with the weights writer patched to die by SIGKILL once `TINYGPTV_KILL_AT` weights files are written:
 # the kill lands inside a staging folder, with the weights on disk and config.json (the completion marker) not yet.
