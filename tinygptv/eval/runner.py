@@ -74,7 +74,7 @@ def check_out_dir(out: Path, overwrite: bool = False) -> None:
     out = Path(out)
     if out.is_dir() and any(is_eval_output(entry.name) for entry in out.iterdir()):
         return
-    check_output_dir(out, is_eval_output, overwrite=overwrite, what="eval output folder")
+    check_output_dir(out, is_eval_output, overwrite=overwrite, what="folder of eval outputs")
 
 
 def output_paths(out: Path, benchmark: str, split: str | None) -> tuple[Path, Path, Path]:
