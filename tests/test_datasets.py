@@ -9,7 +9,6 @@ import os
 import pickle
 
 import pytest
-from PIL import Image
 
 from dataset_fixtures import caption_member, ref, write_image, write_json, write_refer, write_tar
 from tinygptv.data.datasets import DATASETS, CaptionShards, DatasetError, Sample, build_dataset
@@ -19,6 +18,7 @@ from tinygptv.data.datasets.text import (ALIGNMENT_PROMPTS, CAPTION_POOL, CAPTIO
 from tinygptv.data.boxes import box_text
 from tinygptv.data.datasets.vqa import weighted_answer
 from tinygptv.data.datasets.webdataset import expand_braces
+from tinygptv.data.image_file import open_image
 
 
 def only_turn(sample: Sample) -> tuple[str | None, str]:
@@ -83,13 +83,14 @@ def test_brace_expansion():
     assert expand_braces("plain.tar") == ["plain.tar"]
 
 
-def test_laion_shards_give_processed_captions_and_pil_images(shards):
+def test_laion_shards_give_processed_captions_and_named_image_bytes(shards):
     ds = build_dataset("laion", shards=shards, shuffle=False)
     samples = list(ds)
     assert [s.source for s in samples] == ["00000.tar:a/0", "00000.tar:a/1", "00001.tar:b/0", "00001.tar:b/1"]
     assert [only_turn(s) for s in samples] == [(None, "a dog running"), (None, "two cats"), (None, "the sky"),
                                                (None, "one red car")]
-    assert all(isinstance(s.image, Image.Image) and s.image.size == (8, 6) and s.task is None for s in samples)
+    assert [s.image.name for s in samples] == [f"{s.source}.jpg" for s in samples]
+    assert all(open_image(s.image).size == (8, 6) and s.task is None for s in samples)
 
 
 def test_shard_shuffling_is_seeded(shards):

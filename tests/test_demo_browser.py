@@ -182,8 +182,7 @@ def test_answers_stream_and_beams_answer_at_once(nano, monkeypatch):
     from tinygptv.serve.web_demo import DemoBackend
 
     backend = DemoBackend(nano)
-    with Image.open(RED_CIRCLE) as image:
-        image = image.convert("RGB")
+    image = str(RED_CIRCLE)  # the page hands over the upload's path
     question = "What color is the shape?"
 
     shown_before_done = []

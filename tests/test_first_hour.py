@@ -35,7 +35,7 @@ def endless(tmp_path_factory) -> list[str]:
         bias[[ord("a"), ord(" ")]] = 0.0
     folder = tmp_path_factory.mktemp("endless") / "model"
     save_pretrained(model, folder)
-    return ["--model", str(folder), "--max-new-tokens", "450", "--max-repeats", "0"]
+    return ["--model", str(folder), "--max-new-tokens", "300", "--max-repeats", "0"]
 
 
 def start(args: list[str]) -> subprocess.Popen:

@@ -50,7 +50,7 @@ def test_ask_answers_about_the_image(trained_dir, colour_images, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--image", "{missing}"], "no such image file"),
-    (["--image", "{not_image}"], "not an image file"),
+    (["--image", "{not_image}"], "not an image in a supported format"),
     (["--model", "{no_model}"], "no such model folder"),
 ])
 def test_ask_reports_bad_input(tmp_path, capsys, args, message):

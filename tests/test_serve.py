@@ -7,7 +7,6 @@ import base64
 import io
 import shutil
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,13 +14,13 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 from tinygptv.data.templates import single_prompt
 from tinygptv.model.generation import GenerationSettings
 from tinygptv.serve.chat import ChatSession
 from tinygptv.serve.openai_schema import ChatRequest, build_prompt
+from serve_fixtures import parse_serve, serving
 from tinygptv.serve.serve_cli import add_serve_parser, app_from_args
 from tinygptv.serve.worker import GenerationWorker, Job, QueueFull
 
@@ -30,12 +29,6 @@ QUESTION, FOLLOW_UP = "What is in this image?", "What colour is the circle?"
 TEXT_QUESTION = "Write a sentence about the sea."  # a long answer, for the length and stop checks
 TOKENS = 10
 KEY = "test-key"
-
-
-def parse_serve(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tinygptv")
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["serve", *argv])
 
 
 def data_url(path: Path) -> str:
@@ -65,17 +58,8 @@ def server(nano, tmp_path_factory):
                         "--max-image-megapixels", "1", "--max-tokens-limit", "64", "--allow-local-files", str(allowed),
                         "--model-alias", "gpt-4o-mini"])
     app = app_from_args(nano, args)
-    uv = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    yield SimpleNamespace(url=f"http://{args.host}:{port}/v1", app=app, allowed=allowed)
-    uv.should_exit = True
-    thread.join(30)
+    with serving(app, args.host) as port:
+        yield SimpleNamespace(url=f"http://{args.host}:{port}/v1", app=app, allowed=allowed)
 
 
 @pytest.fixture
@@ -192,7 +176,7 @@ def test_worker_batches_waiting_requests_without_changing_answers(nano, referenc
 
     worker = GenerationWorker(nano, max_queue=3, max_batch=4)
     encoded, batches = [], []
-    worker.model = SimpleNamespace(**{name: getattr(nano, name) for name in ("tokenize", "config")},
+    worker.model = SimpleNamespace(**{name: getattr(nano, name) for name in ("tokenize", "prompt_tokens", "config")},
                                    encode_image=lambda px: encoded.append(px) or nano.encode_image(px),
                                    generate=lambda *a, **k: batches.append(len(a[1])) or nano.generate(*a, **k))
     worker.submit(job(0, QUESTION, True))
@@ -242,7 +226,7 @@ BAD_REQUESTS = {
     "n": (dict(n=2), "n=2"),
     "malformed data URL": (dict(messages=[image_message("data:image/png;base64,not*base64")]), "base64"),
     "not an image": (dict(messages=[image_message("data:image/png;base64," + base64.b64encode(b"hello").decode())]),
-                     "not a readable image"),
+                     "not an image in a supported format"),
     "http URL": (dict(messages=[image_message("https://example.com/cat.png")]), "only data: URLs"),
     "max_tokens": (dict(max_tokens=100), "max_tokens=100 is above"),
     "too many pixels": (dict(messages=[image_message(big_image_url())]), "megapixels"),

@@ -138,12 +138,14 @@ def test_stage1_to_stage2_hand_off_keeps_the_trained_norms(tmp_path):
     assert len(stage2.model.newly_initialised) == 8  # A and B on QKV and dense, 2 layers
 
 
-def _broken_data(tmp_path) -> Path:
+def _broken_data(tmp_path, malformed: bool = False) -> Path:
     data = tmp_path / "data"
     shutil.copytree(ROOT / "examples" / "tiny-data", data)
     records = json.loads((data / "train.json").read_text())
     (data / records[2]["image"]).write_bytes(b"not a png")
     os.remove(data / records[5]["image"])
+    if malformed:
+        del records[7]["conversations"]
     (data / "train.json").write_text(json.dumps(records))
     return data / "train.json"
 
@@ -151,15 +153,20 @@ def _broken_data(tmp_path) -> Path:
 def test_bad_records_stop_the_run_with_their_name(tmp_path):
     ann = _broken_data(tmp_path)
     trainer = Trainer(tiny_recipe(tmp_path, f"datasets.0.args.ann_path={ann}", "datasets.0.batch_size=8"))
-    with pytest.raises(DatasetError, match=r"dataset 'llava_json', record \d: .*(not an image file|not found)"):
+    with pytest.raises(DatasetError, match=r"dataset 'llava_json'(, record)? train\.json:\d: .*(blue_circle\.png: not "
+                                           r"an image in a supported format|green_square\.png not found)"):
         trainer.train(max_steps=1)
+    with pytest.raises(DatasetError, match=r"dataset 'llava_json': train\.json:7: missing field 'conversations'.*"
+                                           r"on_bad_record: skip"):
+        Trainer(tiny_recipe(tmp_path, f"datasets.0.args.ann_path={_broken_data(tmp_path / 'm', malformed=True)}"))
 
 
 def test_bad_records_can_be_skipped_and_are_counted(tmp_path):
-    ann = _broken_data(tmp_path)
+    ann = _broken_data(tmp_path, malformed=True)
     summary = Trainer(tiny_recipe(tmp_path, f"datasets.0.args.ann_path={ann}", "on_bad_record=skip",
                                   "datasets.0.batch_size=2")).train(max_steps=8)
-    assert summary["skipped"]["llava_json"] >= 2
+    counts = summary["skipped"]["llava_json"]
+    assert counts["malformed record"] == 1 and counts["unreadable image"] >= 1 and counts["missing image"] >= 1
     assert len(summary["losses"]) == 8
 
 

@@ -187,5 +187,5 @@ def test_processor_errors(tmp_path):
         proc(missing)
     bad = tmp_path / "notes.jpg"
     bad.write_text("not pixels")
-    with pytest.raises(ValueError, match=r"notes\.jpg: not an image file \("):
+    with pytest.raises(ValueError, match=r"notes\.jpg: not an image in a supported format \(PNG, JPEG"):
         proc([bad])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tinygptv.bench.cli import add_bench_parser
 from tinygptv.checkpoint.fetch_cli import add_fetch_parser
-from tinygptv.cli_options import add_model_args, generation_settings, load_for_args
+from tinygptv.cli_options import add_input_limit_args, add_model_args, generation_settings, input_limits, load_for_args
 from tinygptv.config import PRESETS
 from tinygptv.eval.cli import add_eval_parser
 from tinygptv.quant.cli import add_quantize_parser
@@ -44,27 +44,32 @@ def versions() -> str:
 # --- commands --------------------------------------------------------------------------------------------------------
 
 def _session(args):
-    from tinygptv.serve.chat import ChatSession
+    """A ChatSession with the command's decoding settings, input limits and image. A bad flag or image fails before
+    the model loads, naming it."""
+    from tinygptv.data.image_file import check_image
 
-    settings = generation_settings(args)  # checked before the model loads: a bad flag fails at once
-    return ChatSession(load_for_args(args), template=args.template, settings=settings)
+    settings = generation_settings(args)
+    max_prompt_tokens, max_pixels = input_limits(args)
+    if args.image is not None:
+        check_image(args.image, max_pixels=max_pixels)
+    from tinygptv.serve.chat import ChatSession  # torch and transformers: after the cheap checks
 
-
-def _check_image(path: str) -> None:
-    """Fail before loading a model, with the file's name, when the image cannot be used."""
-    from tinygptv.data.image_processor import open_image
-
-    open_image(path)
+    session = ChatSession(load_for_args(args), template=args.template, settings=settings,
+                          max_prompt_tokens=max_prompt_tokens, max_image_pixels=max_pixels)
+    if args.image is not None:
+        session.set_image(args.image)
+    return session
 
 
 def cmd_ask(args) -> int:
+    from tinygptv.model.generation import utf8_problem
+
     if args.draw and args.image is None:
         raise ValueError("--draw needs --image")
-    if args.image is not None:
-        _check_image(args.image)
+    problem = utf8_problem(args.question)  # bytes that were not UTF-8 in the argument
+    if problem:
+        raise ValueError(f"the question is not valid UTF-8 ({problem})")
     session = _session(args)
-    if args.image is not None:
-        session.set_image(args.image)
     if args.no_stream:
         answer = session.ask(args.question, task=args.task)
         print(answer)
@@ -82,12 +87,7 @@ def cmd_ask(args) -> int:
 def cmd_chat(args) -> int:
     from tinygptv.serve.chat import run_chat
 
-    if args.image is not None:
-        _check_image(args.image)
-    session = _session(args)
-    if args.image is not None:
-        session.set_image(args.image)
-    run_chat(session, task=args.task)
+    run_chat(_session(args), task=args.task)
     return 0
 
 
@@ -133,7 +133,9 @@ def cmd_train(args) -> int:
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan, args.card_gb))
         return 0
     from tinygptv.train.loop import Trainer
+    from tinygptv.train.run_dir import check_run_dir
 
+    check_run_dir(recipe.output_dir, overwrite=args.overwrite)  # before the model loads: nothing written yet
     trainer = Trainer(recipe, resume=None if args.resume == "none" else args.resume)
     trainer.train(max_steps=args.max_steps)
     return 0
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", metavar="OUT.png", help="draw the boxes of a grounding answer ({<x1><y1><x2><y2>}, "
                                                       "with <p>phrase</p> labels) onto the image and save it")
     add_model_args(p)
+    add_input_limit_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = subcommand(sub, "chat", "multi-turn conversation about an image",
@@ -187,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tinygptv chat --image examples/red_circle.png --task vqa")
     p.add_argument("--image", help="image to start with")
     add_model_args(p)
+    add_input_limit_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = subcommand(sub, "info", "parameter counts per component",
@@ -249,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (default: the last checkpoint in output_dir, if any), a checkpoint folder, or 'none'")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps (default: run to "
                                                                "the recipe's end)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into output_dir even if it holds files a run does not write (they are kept); a run "
+                        "folder of ours needs no flag: the run resumes there")
     p.set_defaults(func=cmd_train)
 
     p = subcommand(
@@ -292,11 +299,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def error_message(e: BaseException) -> str:
+    """One line, always: some libraries' messages (torch's weights_only refusal) run over several."""
     if isinstance(e, KeyError) and e.args:
-        return str(e.args[0])
-    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
-        return f"{e.filename}: {e.strerror or e}"
-    return str(e)
+        text = str(e.args[0])
+    elif isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
+        text = f"{e.filename}: {e.strerror or e}"
+    else:
+        text = str(e)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from tinygptv.checkpoint.release import MODEL_NAMES_HELP
 from tinygptv.config import DEFAULT_MODEL
+from tinygptv.data.image_file import DEFAULT_MAX_PIXELS
 from tinygptv.data.templates import TASK_TAGS, TEMPLATES
 from tinygptv.model.generation import GenerationSettings
 from tinygptv.quant.modes import CPU_MODES, QUANT_MODES
@@ -52,6 +54,26 @@ def add_model_args(p: argparse.ArgumentParser, *, generation: bool = True) -> No
     p.add_argument("--max-repeats", type=int, default=4, metavar="N",
                    help="stop an answer that repeats one phrase N times in a row, as small models' answers can loop "
                         "(default: 4; 0 = never)")
+
+
+def add_input_limit_args(p: argparse.ArgumentParser) -> None:
+    """What one question may cost before any model work: its prompt's length and its image's size (ask, chat, serve,
+    demo)."""
+    p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="refuse a prompt (text tokens + the image's query tokens + BOS) longer than N tokens "
+                        "(default: what the model's context leaves after --max-new-tokens)")
+    p.add_argument("--max-image-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6, metavar="MP",
+                   help=f"refuse an image with more pixels, read from its header before decoding (default "
+                        f"{DEFAULT_MAX_PIXELS / 1e6:g}; the model sees at most 448 x 448)")
+
+
+def input_limits(args) -> tuple[int | None, int]:
+    """(max prompt tokens or None, max image pixels) from add_input_limit_args' flags, checked."""
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens must be at least 1, got {args.max_prompt_tokens}")
+    if not (math.isfinite(args.max_image_megapixels) and args.max_image_megapixels > 0):
+        raise ValueError(f"--max-image-megapixels must be a positive number, got {args.max_image_megapixels}")
+    return args.max_prompt_tokens, int(args.max_image_megapixels * 1_000_000)
 
 
 def generation_settings(args):

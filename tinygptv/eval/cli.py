@@ -50,7 +50,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="keep LoRA as separate adapters (by default it is folded into the weights before the run: "
                         "the same function, ~25 %% faster on a CPU)")
     p.add_argument("--out", type=Path, help="output folder for predictions and summary (required)")
-    p.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard predictions already in --out; also write into a folder that holds files eval did "
+                        "not write (they are kept)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core); on a machine other jobs "
                         "share, 1 avoids the stalls of threads waiting for each other")
@@ -77,10 +79,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_eval(args) -> int:
     import torch  # the command's imports wait for the command: `tinygptv --help` stays instant
 
-    from tinygptv.eval.runner import run_eval
+    from tinygptv.eval.runner import check_out_dir, run_eval
 
     if args.benchmark is None or args.out is None:
         raise ValueError("--benchmark and --out are required (or use `tinygptv eval score ...`)")
+    check_out_dir(args.out, args.overwrite)  # before loading a model
     if BENCHMARKS[args.benchmark].needs_data:  # fail on a missing folder before loading a model
         need_data(args.data, args.benchmark)
     if args.threads is not None:

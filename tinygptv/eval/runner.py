@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from tinygptv.atomic import write_json_atomic
+from tinygptv.atomic import STAGING_SUFFIX, check_output_dir, write_json_atomic
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import IMAGE_PLACEHOLDER, TEMPLATES, single_prompt
 from tinygptv.eval.base import BENCHMARKS, STRICT, Benchmark, Item
@@ -27,6 +27,7 @@ from tinygptv.model.tinygptv import IGNORE_INDEX
 # Templates of official-style models: the paper's benchmarks were run with the "eval" template on them.
 OFFICIAL_TEMPLATES = ("stage3", "stage4", "none")
 HASH_TEMPLATES = ("eval", "stage3", "stage3-demo")  # templates whose turns end in "###"
+OUTPUT_SUFFIXES = (".predictions.jsonl", ".summary.json", ".run.json")  # what a run writes into --out, per benchmark
 
 
 def default_template(model) -> str:
@@ -59,6 +60,21 @@ def package_versions() -> dict[str, str]:
             out[name] = "unknown"
     out["python"] = platform.python_version()
     return out
+
+
+def is_eval_output(name: str) -> bool:
+    """A file eval writes into --out, or the staging file of an interrupted write of one."""
+    return name.endswith(OUTPUT_SUFFIXES) or (name.startswith(".") and name.endswith(STAGING_SUFFIX))
+
+
+def check_out_dir(out: Path, overwrite: bool = False) -> None:
+    """--out must be new, empty, or a folder eval has written into (a rerun resumes there; files beside its outputs
+    are left alone). A folder holding only other files (a dataset, photos) is refused, naming them, unless
+    `overwrite`: eval never deletes what it did not write, but mixing its outputs into such a folder is rarely meant."""
+    out = Path(out)
+    if out.is_dir() and any(is_eval_output(entry.name) for entry in out.iterdir()):
+        return
+    check_output_dir(out, is_eval_output, overwrite=overwrite, what="folder of eval outputs")
 
 
 def output_paths(out: Path, benchmark: str, split: str | None) -> tuple[Path, Path, Path]:
@@ -293,6 +309,7 @@ def run_eval(model, benchmark: str | Benchmark, data: Path | None, out: Path, *,
     runner = Runner(model, bench, template=template or default_template(model), batch_size=batch_size,
                     max_new_tokens=max_new_tokens or bench.max_new_tokens, stop=stop, share_prefix=share_prefix)
     out = Path(out)
+    check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     pred_path, summary_path, run_path = output_paths(out, bench.name, split)
     settings = {"benchmark": bench.name, "split": loaded.split, "model": model_name,

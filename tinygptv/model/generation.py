@@ -1,5 +1,6 @@
 # How an answer is decoded, in one place for every caller (ask/chat, serve, demo, eval, bench): the settings, their
-# checks, the keyword arguments they become for transformers' generate(), and stop-string handling.
+# checks, the keyword arguments they become for transformers' generate(), stop-string handling, and the checks of
+# what a prompt may be (its length, valid text).
 # Data path: spliced prompt embeddings -> [these settings] -> LLM.generate -> tokens -> text cut at the stop string.
 from __future__ import annotations
 
@@ -92,6 +93,36 @@ class GenerationSettings:
         if stops:
             kwargs.update(stop_strings=stops, tokenizer=tokenizer)
         return kwargs
+
+
+class PromptTooLong(ValueError):
+    """A prompt longer than the model may read with room for its answer, refused before any model work (the LLM's
+    cost grows with the prompt, and past its context it answers nonsense). Callers add how to change the limit."""
+
+    def __init__(self, tokens: int | None, allowed: int, context: int, max_new_tokens: int, limit: int | None):
+        self.tokens, self.allowed = tokens, allowed
+        count = f"{tokens} tokens" if tokens is not None else f"far more than {allowed} tokens (not even counted)"
+        if allowed <= 0:
+            why = f"max_new_tokens {max_new_tokens} leaves no room in this model's context of {context} tokens"
+        elif limit is not None and limit == allowed:
+            why = f"the limit is {limit} prompt tokens"
+        else:
+            why = f"this model's context of {context} tokens less max_new_tokens {max_new_tokens} leaves {allowed}"
+        super().__init__(f"the prompt is {count}: too long ({why})")
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why `text` cannot be written as UTF-8, or None. Bytes that were not UTF-8 reach Python as lone surrogates
+    (command-line arguments and stdin decode them with surrogateescape: byte 0xff becomes U+DCFF; JSON can spell
+    one as \\udcff); the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            return f"byte 0x{code - 0xDC00:02x} at character {e.start}"
+        return f"lone surrogate U+{code:04X} at character {e.start}"
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:

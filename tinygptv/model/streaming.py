@@ -32,13 +32,15 @@ class _StoppableStreamer(TextIteratorStreamer):
 
 
 def stream_generate(model, pixel_values, prompt: str, settings: GenerationSettings | None = None, *,
-                    image_embeds=None, on_text: Callable[[str], None] | None = None) -> Iterator[str]:
+                    image_embeds=None, on_text: Callable[[str], None] | None = None,
+                    stopping_criteria=None) -> Iterator[str]:
     """Yield the answer to one prompt as it is generated; if on_text is given it is also called with each piece.
     The pieces join to exactly what generate() returns (before its final strip).
 
     Closing the iterator early (the reader breaks, is interrupted by Ctrl-C or its client disconnects) stops the
     generation at the next token and waits for the worker thread, so the model is free when this returns and no
-    thread is left running inside it."""
+    thread is left running inside it. stopping_criteria go to generate() as they are: they can end the answer at
+    any token, even while no text is ready to hand out."""
     settings = settings or GenerationSettings()
     stops = settings.stops(model.config.prompt.end_sym)
     streamer = _StoppableStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -46,7 +48,8 @@ def stream_generate(model, pixel_values, prompt: str, settings: GenerationSettin
 
     def work():
         try:
-            model.generate(pixel_values, [prompt], image_embeds=image_embeds, settings=settings, streamer=streamer)
+            model.generate(pixel_values, [prompt], image_embeds=image_embeds, settings=settings, streamer=streamer,
+                           stopping_criteria=stopping_criteria)
         except GenerationStopped:
             pass
         except BaseException as e:  # re-raised in the caller's thread below

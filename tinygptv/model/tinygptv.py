@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from tinygptv.config import TinyGPTVConfig
 from tinygptv.data.templates import IMAGE_PLACEHOLDER
-from tinygptv.model.generation import GenerationSettings, cut_at_stop
+from tinygptv.model.generation import GenerationSettings, PromptTooLong, cut_at_stop, utf8_problem
 from tinygptv.model.llm import LLM_ADAPTERS, build_llm
 from tinygptv.model.lora import add_lora, is_lora_param, merge_lora
 from tinygptv.model.projector import Projector
@@ -100,7 +100,40 @@ class TinyGPTV(nn.Module):
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer; load it with TinyGPTV.from_pretrained or pass one")
+        problem = utf8_problem(text)
+        if problem:  # the tokenizer would raise a TypeError that names nothing
+            raise ValueError(f"the text is not valid UTF-8 ({problem})")
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    # --- prompt length ----------------------------------------------------------------------------------------------
+
+    def prompt_tokens(self, prompt: str, image_tokens: int | None = None) -> int:
+        """The positions the LLM reads for `prompt` at inference: BOS when the model adds one, the text's tokens, and
+        the image's query tokens at each <ImageHere> (image_tokens: the embeddings' length, if not the config's)."""
+        pieces = prompt.split(IMAGE_PLACEHOLDER)
+        queries = self.config.qformer.num_query_tokens if image_tokens is None else image_tokens
+        count = int(self.config.prompt.bos_at_inference) + queries * (len(pieces) - 1)
+        return count + sum(len(self.tokenize(piece)) for piece in pieces if piece)
+
+    def check_prompt_length(self, prompt: str, max_new_tokens: int, limit: int | None = None) -> int:
+        """prompt_tokens(prompt), or PromptTooLong when it exceeds the room the context leaves for max_new_tokens
+        (and `limit`, a caller's own bound). A text longer than that room times the longest token is refused without
+        tokenizing it: no token covers more characters, so it cannot fit, and tokenizing megabytes takes seconds."""
+        context = self.config.llm.max_position_embeddings
+        allowed = context - max_new_tokens if limit is None else min(context - max_new_tokens, limit)
+        if allowed > 0 and len(prompt) <= allowed * self._longest_token():
+            tokens = self.prompt_tokens(prompt)
+            if tokens <= allowed:
+                return tokens
+        else:
+            tokens = None
+        raise PromptTooLong(tokens, allowed, context, max_new_tokens, limit)
+
+    def _longest_token(self) -> int:
+        """Characters in the vocabulary's longest entry (for byte-level BPE: bytes, never fewer than characters)."""
+        if getattr(self, "_longest", None) is None:
+            self._longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        return self._longest
 
     def build_inputs(
         self,
@@ -221,11 +254,14 @@ class TinyGPTV(nn.Module):
         image_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
         settings: GenerationSettings | None = None,
         streamer=None,
+        stopping_criteria=None,
         **changes,
     ) -> list[str]:
         """Greedy, sampling or beam search (GenerationSettings; keyword arguments such as max_new_tokens=40 change
         single fields) with the KV cache of transformers' generate(). Prompts are left-padded so a batch decodes
-        together. Each answer is cut at the first stop string (default end_sym)."""
+        together. Each answer is cut at the first stop string (default end_sym). stopping_criteria (transformers'
+        StoppingCriteria) end rows early: a server's time limit, a client that went away; settings.max_repeats adds
+        the repetition guard."""
         settings = (settings or GenerationSettings()).replace(**changes)
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_image(pixel_values)
@@ -233,7 +269,9 @@ class TinyGPTV(nn.Module):
             prompts, image_embeds, add_bos=self.config.prompt.bos_at_inference, padding_side="left"
         )
         end_sym = self.config.prompt.end_sym
-        stopping = StoppingCriteriaList([RepeatGuard(settings.max_repeats)] if settings.max_repeats else [])
+        stopping = StoppingCriteriaList(stopping_criteria or [])
+        if settings.max_repeats:
+            stopping.append(RepeatGuard(settings.max_repeats))
         out = self.llm.generate(  # [B, new tokens]: with inputs_embeds only the new tokens come back
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,

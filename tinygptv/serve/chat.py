@@ -10,9 +10,10 @@ from typing import Callable, Iterator, TextIO
 
 import torch
 
+from tinygptv.data.image_file import DEFAULT_MAX_PIXELS
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import TEMPLATES, Conversation, inference_template, with_task
-from tinygptv.model.generation import GenerationSettings
+from tinygptv.model.generation import GenerationSettings, PromptTooLong, utf8_problem
 from tinygptv.model.streaming import stream_generate
 from tinygptv.model.tinygptv import TinyGPTV
 
@@ -21,9 +22,11 @@ class ChatSession:
     """One conversation about at most one image. `template` defaults to the model's inference template: the official
     stage-3 demo format for stage-3 models, the training template otherwise."""
 
-    def __init__(self, model: TinyGPTV, template: str | None = None, settings: GenerationSettings | None = None):
+    def __init__(self, model: TinyGPTV, template: str | None = None, settings: GenerationSettings | None = None, *,
+                 max_prompt_tokens: int | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.model = model
-        self.processor = ImageProcessor(model.config.vision)
+        self.processor = ImageProcessor(model.config.vision, max_pixels=max_image_pixels)
+        self.max_prompt_tokens = max_prompt_tokens  # None: what the context leaves after max_new_tokens
         self.template = TEMPLATES[template or inference_template(model.config.prompt.template)]
         self.settings = settings or GenerationSettings()
         self.image_embeds: torch.Tensor | None = None  # [1, Q, D], cached across turns
@@ -48,10 +51,18 @@ class ChatSession:
     def ask(self, question: str, task: str | None = None, on_text: Callable[[str], None] | None = None) -> str:
         """The answer to `question` in this conversation. Interrupted (Ctrl-C), the part already shown stays in the
         conversation as the answer, so the next question follows what the user saw; a failure drops the question."""
+        problem = utf8_problem(question)  # bytes that were not UTF-8 (argv, stdin): the tokenizer cannot take them
+        if problem:
+            raise ValueError(f"the question is not valid UTF-8 ({problem})")
         first = not self.conversation.turns
         self.conversation.add_user(with_task(question, task), with_image=first and self.image_embeds is not None)
         images = [self.image_embeds[0] if self.image_embeds is not None else None]
         prompt = self.conversation.prompt()
+        try:  # before any generation: a prompt too long is refused, the conversation goes on without it
+            self.model.check_prompt_length(prompt, self.settings.max_new_tokens, self.max_prompt_tokens)
+        except ValueError:
+            self.conversation.drop_question()
+            raise
         shown: list[str] = []
 
         def show(text: str) -> None:
@@ -118,6 +129,8 @@ def typing_hidden(stdin: TextIO) -> Iterator[None]:
 def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, task: str | None = None):
     """A line-based loop, so it works the same in a terminal, a pipe and a test. Ctrl-C stops the answer being
     generated (the conversation goes on); at the prompt it only clears the line."""
+    if hasattr(stdin, "reconfigure"):  # a line with bytes that are not UTF-8 becomes an error message, not an exit
+        stdin.reconfigure(errors="surrogateescape")
 
     def say(text: str) -> None:
         print(text, file=stdout, flush=True)
@@ -170,3 +183,6 @@ def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
                 say("")
             except KeyboardInterrupt:
                 say(" (stopped)")
+            except ValueError as e:
+                hint = "; /reset starts a new conversation" if isinstance(e, PromptTooLong) else ""
+                say(f"error: {e}{hint}")

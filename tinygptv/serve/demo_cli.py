@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from tinygptv.cli_options import add_model_args, generation_settings, load_for_args
+from tinygptv.cli_options import add_input_limit_args, add_model_args, generation_settings, input_limits, load_for_args
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                         "with the link can use your model and machine)")
     p.add_argument("--open", action="store_true", help="open the page in a web browser once it is up")
     add_model_args(p)
+    add_input_limit_args(p)
     p.set_defaults(func=cmd_demo)
     return p
 
@@ -35,11 +36,13 @@ def cmd_demo(args) -> int:
     from tinygptv.serve.web_demo import build_demo  # Gradio: only when the demo runs
 
     settings = generation_settings(args)
+    max_prompt_tokens, max_pixels = input_limits(args)
     model = load_for_args(args)
     demo = build_demo(
         model, args.model, template=args.template, task=args.task, max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature, top_p=settings.top_p, num_beams=settings.num_beams,
-        repetition_penalty=settings.repetition_penalty,
+        repetition_penalty=settings.repetition_penalty, max_prompt_tokens=max_prompt_tokens,
+        max_image_pixels=max_pixels,
     )
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=args.open)
     return 0

@@ -7,13 +7,14 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from tinygptv.data.boxes import boxes_in, grid_to_pixels
+from tinygptv.data.image_file import open_image
 
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
 
 def draw_boxes(image_path: str | Path, answer: str, out: str | Path) -> int:
     """Writes the image with the answer's boxes to `out`; returns how many boxes were drawn."""
-    image, drawn = draw_on(Image.open(image_path), answer)
+    image, drawn = draw_on(open_image(image_path), answer)  # upright, as the model saw it
     image.save(out)
     return drawn
 

@@ -1,5 +1,7 @@
 # HTTP face of `tinygptv serve`: OpenAI's POST /v1/chat/completions (whole or as server-sent events), GET /v1/models and
 # GET /health. Data path: HTTP JSON -> openai_schema (prompt + image) -> worker (the model) -> OpenAI-shaped JSON.
+# Every request's work is bounded before it reaches the model: body size and read time, prompt tokens, image pixels,
+# answer tokens and generation time; a client that goes away stops its generation.
 from __future__ import annotations
 
 import asyncio
@@ -15,10 +17,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tinygptv.data.image_file import ImageError, ImageTooLarge
 from tinygptv.data.image_processor import ImageProcessor
-from tinygptv.model.generation import GenerationSettings
-from tinygptv.serve.openai_schema import APIError, ChatRequest, Limits, build_prompt, parse_chat_request
+from tinygptv.model.generation import GenerationSettings, PromptTooLong
+from tinygptv.serve.openai_schema import APIError, ChatRequest, Limits, build_prompt, parse_chat_request, parse_json
 from tinygptv.serve.worker import Completion, GenerationWorker, Job, QueueFull
+
+# Requests parsed, tokenized and image-decoded at the same time (in worker threads): a few keep the model's queue fed;
+# more would only add decoded images in memory (up to 150 MB each at the pixel limit) and CPU taken from generation.
+PREPARE_SLOTS = 4
 
 
 @dataclass
@@ -37,12 +44,16 @@ class ServeSettings:
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     queue_size: int = 16
     max_batch: int = 4
+    time_limit: float | None = 300.0  # seconds of generation per request; the answer so far ends with "length"
+    body_timeout: float = 60.0  # seconds a client may take to send its request body (408 after)
 
 
 def create_app(model, settings: ServeSettings) -> FastAPI:
     """The app owns one GenerationWorker, started and stopped with the server."""
-    worker = GenerationWorker(model, max_queue=settings.queue_size, max_batch=settings.max_batch)
-    processor = ImageProcessor(model.config.vision)
+    worker = GenerationWorker(model, max_queue=settings.queue_size, max_batch=settings.max_batch,
+                              time_limit=settings.time_limit)
+    processor = ImageProcessor(model.config.vision, max_pixels=settings.limits.max_image_pixels)
+    prepare_slots = asyncio.Semaphore(PREPARE_SLOTS)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -94,19 +105,21 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request)
-        body = _json(await _read_body(request, settings.max_body_bytes))
-        if isinstance(body, dict) and isinstance(body.get("model"), str):
-            _check_model(body["model"], settings)
-        # decoding an image and building the prompt take time: off the event loop, which serves everyone
-        chat, prompt, pixels = await run_in_threadpool(_prepare, body, settings, model, processor)
-        job = Job(prompt, pixels, _generate_settings(chat, settings, model), seed=chat.seed,
-                  on_done=None, on_error=None)
+        try:
+            raw = await asyncio.wait_for(_read_body(request, settings.max_body_bytes), settings.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {settings.body_timeout:g} s",
+                           code="request_timeout") from None
+        # parsing, tokenizing and decoding an image take time: off the event loop, which serves everyone
+        async with prepare_slots:
+            chat, prompt, pixels, generation = await run_in_threadpool(_prepare, raw, settings, model, processor)
+        job = Job(prompt, pixels, generation, seed=chat.seed, on_done=None, on_error=None)
         if chat.stream:
             if settings.defaults.num_beams > 1:
                 raise APIError(400, f"this server runs beam search (--num-beams {settings.defaults.num_beams}), "
                                     "which cannot stream; send stream=false", param="stream")
             return _stream(job, chat, worker, settings)
-        return await _complete(job, worker, settings)
+        return await _complete(job, worker, settings, request)
 
     return app
 
@@ -133,18 +146,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _json(raw: bytes):
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
-
-
-def _prepare(body, settings: ServeSettings, model, processor: ImageProcessor):
+def _prepare(raw: bytes, settings: ServeSettings, model, processor: ImageProcessor):
+    """Body -> checked request, prompt, pixels and decoding settings; every problem is a 4xx naming the field. The
+    prompt's length is checked before the image is decoded: the cheaper refusal first."""
+    body = parse_json(raw)
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        _check_model(body["model"], settings)
     chat = parse_chat_request(body, settings.limits)
     prompt = build_prompt(chat, settings.template, model.config.prompt.end_sym, settings.task)
-    pixels = processor(chat.image) if chat.image is not None else None  # [1, 3, S, S]
-    return chat, prompt, pixels
+    generation = _generate_settings(chat, settings, model)
+    try:
+        model.check_prompt_length(prompt, chat.max_tokens, settings.limits.max_prompt_tokens)
+    except PromptTooLong as e:
+        raise APIError(400, f"{e}; send a shorter conversation or a smaller max_tokens (the server's limit: "
+                            "--max-prompt-tokens)", param="messages", code="context_length_exceeded") from None
+    pixels = None
+    if chat.image is not None:
+        try:
+            pixels = processor(processor.open(chat.image, name=chat.image_param))  # [1, 3, S, S]
+        except ImageTooLarge as e:
+            raise APIError(400, f"{e} (--max-image-megapixels)", param=chat.image_param,
+                           code="image_too_large") from None
+        except (ImageError, OSError) as e:
+            raise APIError(400, str(e), param=chat.image_param, code="invalid_image") from None
+    return chat, prompt, pixels, generation
 
 
 def _generate_settings(chat: ChatRequest, settings: ServeSettings, model) -> GenerationSettings:
@@ -153,7 +178,10 @@ def _generate_settings(chat: ChatRequest, settings: ServeSettings, model) -> Gen
         changes["temperature"] = chat.temperature
     if chat.top_p is not None:
         changes["top_p"] = chat.top_p
-    return settings.defaults.replace(**changes)
+    try:
+        return settings.defaults.replace(**changes)
+    except ValueError as e:  # the schema checks every field first; this is the last line of defence
+        raise APIError(400, str(e)) from None
 
 
 def _submit(job: Job, worker: GenerationWorker) -> None:
@@ -170,7 +198,7 @@ def _failure(e: BaseException) -> APIError:
     return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="generation_failed")
 
 
-async def _complete(job: Job, worker: GenerationWorker, settings: ServeSettings) -> dict:
+async def _complete(job: Job, worker: GenerationWorker, settings: ServeSettings, request: Request) -> dict:
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
 
@@ -181,10 +209,16 @@ async def _complete(job: Job, worker: GenerationWorker, settings: ServeSettings)
     job.on_done = lambda result: loop.call_soon_threadsafe(settle, "set_result", result)
     job.on_error = lambda e: loop.call_soon_threadsafe(settle, "set_exception", _failure(e))
     _submit(job, worker)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        result: Completion = await future
+        await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        job.cancelled = True  # no-op once done; skips the job if the client left while it waited
+        gone.cancel()
+        # no-op once done; if the client left, the worker skips the job or stops its generation at the next token
+        job.cancelled = True
+    if not future.done():
+        raise APIError(499, "the client closed the connection", code="client_closed_request")
+    result: Completion = future.result()
     return {
         "id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": settings.model_id,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -193,9 +227,17 @@ async def _complete(job: Job, worker: GenerationWorker, settings: ServeSettings)
     }
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection. The body has been read, so the next ASGI message is the
+    disconnect (sent early by a client that gave up, or at the end when the response is done)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _stream(job: Job, chat: ChatRequest, worker: GenerationWorker, settings: ServeSettings) -> StreamingResponse:
     """Server-sent events as OpenAI sends them: a chunk with the role, one per piece of text, one with the
-    finish_reason (and, with stream_options.include_usage, one with the usage), then [DONE]."""
+    finish_reason (and, with stream_options.include_usage, one with the usage), then [DONE]. A client that
+    disconnects cancels the response's task; the `finally` below then stops the generation."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     job.on_text = lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text))

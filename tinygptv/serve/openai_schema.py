@@ -1,24 +1,31 @@
 # Request side of `tinygptv serve`: an OpenAI chat.completions body -> a checked ChatRequest (turns, at most one image,
 # generation settings) -> the model's prompt. Data path: HTTP JSON -> [here] -> prompt + image -> worker -> generate.
+# Every check fails with a 400 naming the field; nothing here decodes an image or tokenizes (openai_api does both, in a
+# worker thread, under the model's limits).
 from __future__ import annotations
 
 import base64
 import binascii
-import io
+import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from PIL import Image, UnidentifiedImageError
-
+from tinygptv.data.image_file import DEFAULT_MAX_PIXELS, EncodedImage
 from tinygptv.data.templates import IMAGE_PLACEHOLDER, TEMPLATES, Conversation, with_task
+from tinygptv.model.generation import utf8_problem
 
 # How a request's system message is written in each template; a template not listed takes the text as it is (as the
 # official stage-3 demo writes its system line). The text replaces the template's own system line.
 SYSTEM_FORMATS = {"chatml": "<|im_start|>system\n{}<|im_end|>\n"}
 MAX_STOPS = 4  # OpenAI's limit
+# transformers prepares every stop string against the whole vocabulary before generating (about 1.3 s for a
+# 1000-character one with a 49k vocabulary), on the thread every request waits for
+MAX_STOP_CHARS = 200
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 
 
 class APIError(Exception):
@@ -38,10 +45,12 @@ class APIError(Exception):
 class Limits:
     """What one request may ask for; each is a `tinygptv serve` flag."""
 
-    max_image_pixels: int = 20_000_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_tokens: int = 1024  # a larger max_tokens is refused (400), not clamped, so the client knows
     default_max_tokens: int = 300  # when the request leaves max_tokens out
     allow_local_files: Path | None = None  # file:// image URLs are refused unless this folder is set
+    # prompt tokens (BOS + text + image queries); None: what the model's context leaves after max_tokens
+    max_prompt_tokens: int | None = None
 
 
 @dataclass
@@ -49,7 +58,8 @@ class ChatRequest:
     model: str | None
     turns: list[tuple[str, str | None]]  # (user text, assistant answer); the last answer is None
     system: str | None = None
-    image: Image.Image | None = None
+    image: EncodedImage | Path | None = None  # the image file, not decoded yet
+    image_param: str | None = None  # the request field that carried it, for errors
     image_turn: int | None = None  # index of the turn whose message carried the image
     max_tokens: int = 300
     temperature: float | None = None  # None: the server's default; 0: greedy
@@ -58,6 +68,31 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     seed: int | None = None
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as JSON. Python's parser takes more than JSON allows, and some of it is trouble here: NaN and
+    Infinity literals, numbers that overflow to infinity (1e999), integers of thousands of digits; nesting deep enough
+    to exhaust the parser's recursion is refused too (400 rather than a server error)."""
+    try:
+        return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except ValueError as e:  # _not_json, _finite, or an integer past Python's digit limit
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
 
 
 def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
@@ -91,7 +126,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         if not isinstance(options, dict):
             raise APIError(400, "stream_options must be an object", param="stream_options")
         request.include_usage = _boolean(options, "include_usage", "stream_options.include_usage")
-    request.seed = _integer(body, "seed", None, None)
+    request.seed = _integer(body, "seed", *SEED_RANGE)
     return request
 
 
@@ -136,21 +171,23 @@ def _read_messages(messages: Any, request: ChatRequest, limits: Limits) -> None:
                 if request.image is not None:
                     raise APIError(400, f"{param}: the model takes one image per conversation; this is the second",
                                    param=f"{param}.content", code="too_many_images")
-                request.image, request.image_turn = image, len(request.turns) - 1
+                request.image, request.image_param = image
+                request.image_turn = len(request.turns) - 1
         elif role == "assistant":
             if not request.turns:
                 raise APIError(400, f"{param}: an assistant message must follow a user message", param=param)
             user, answer = request.turns[-1]
             request.turns[-1] = (user, text if answer is None else answer + "\n" + text)
         else:
-            raise APIError(400, f"{param}: role {role!r} is not supported; use system, user or assistant",
+            raise APIError(400, f"{param}: role {_shown(role)} is not supported; use system, user or assistant",
                            param=f"{param}.role")
     if not request.turns or request.turns[-1][1] is not None:
         raise APIError(400, "the last message must be a user message (the one to answer)", param="messages")
     request.system = "\n".join(system) if system else None
 
 
-def _content(content: Any, param: str, limits: Limits, images_allowed: bool) -> tuple[str, Image.Image | None]:
+def _content(content: Any, param: str, limits: Limits,
+             images_allowed: bool) -> tuple[str, tuple[EncodedImage | Path, str] | None]:
     if isinstance(content, str):
         return _text(content, param), None
     if not isinstance(content, list):
@@ -173,15 +210,19 @@ def _content(content: Any, param: str, limits: Limits, images_allowed: bool) -> 
             url = spec.get("url") if isinstance(spec, dict) else spec
             if not isinstance(url, str):
                 raise APIError(400, f"{where}.image_url.url must be a string", param=f"{where}.image_url.url")
-            image = load_image_url(url, f"{where}.image_url.url", limits)
+            image = load_image_url(url, f"{where}.image_url.url", limits), f"{where}.image_url.url"
         else:
-            raise APIError(400, f"{where}: content part type {kind!r} is not supported; use text or image_url",
+            raise APIError(400, f"{where}: content part type {_shown(kind)} is not supported; use text or image_url",
                            param=f"{where}.type")
     return "\n".join(texts), image
 
 
 def _text(text: str, param: str) -> str:
-    """The placeholder is where the model splices image embeddings; typed by a client it would be a second image."""
+    """The placeholder is where the model splices image embeddings; typed by a client it would be a second image.
+    JSON can carry lone surrogates (\\udcff), which no tokenizer takes."""
+    problem = utf8_problem(text)
+    if problem:
+        raise APIError(400, f"{param}: the text is not valid Unicode ({problem})", param=param)
     if IMAGE_PLACEHOLDER in text:
         raise APIError(400, f"{param}: the text must not contain {IMAGE_PLACEHOLDER}; send the image as an image_url "
                             "part", param=param)
@@ -190,9 +231,9 @@ def _text(text: str, param: str) -> str:
 
 # --- images -----------------------------------------------------------------------------------------------------------
 
-def load_image_url(url: str, param: str, limits: Limits) -> Image.Image:
-    """A data: URL (base64 image) or, when the server allows a folder, a file:// URL inside it. The server never
-    fetches http(s) URLs: that would let any client make it reach other machines."""
+def load_image_url(url: str, param: str, limits: Limits) -> EncodedImage | Path:
+    """A data: URL (base64 image) or, when the server allows a folder, a file:// URL inside it, as the image file to
+    decode. The server never fetches http(s) URLs: that would let any client make it reach other machines."""
     if url.startswith("data:"):
         header, comma, data = url[len("data:"):].partition(",")
         if not comma or not header.endswith(";base64") or not header.startswith("image/"):
@@ -203,9 +244,9 @@ def load_image_url(url: str, param: str, limits: Limits) -> Image.Image:
         except (binascii.Error, ValueError):
             raise APIError(400, f"{param}: the data URL's base64 data is malformed", param=param,
                            code="invalid_image_url") from None
-        return _decode(io.BytesIO(raw), param, limits)
+        return EncodedImage(param, raw)
     if url.startswith("file:"):
-        return _decode(_local_file(url, param, limits), param, limits)
+        return _local_file(url, param, limits)
     raise APIError(400, f"{param}: only data: URLs (base64 images) are accepted; this server does not download "
                         "images", param=param, code="invalid_image_url")
 
@@ -225,22 +266,6 @@ def _local_file(url: str, param: str, limits: Limits) -> Path:
     if not path.is_file():
         raise APIError(400, f"{param}: no such file in the allowed folder", param=param)
     return path
-
-
-def _decode(source: io.BytesIO | Path, param: str, limits: Limits) -> Image.Image:
-    """Read the size from the header first, so an image with too many pixels is refused before it is decoded."""
-    too_big = f"{param}: the image has more than {limits.max_image_pixels / 1e6:g} megapixels, this server's limit"
-    try:
-        with Image.open(source) as image:
-            width, height = image.size
-            if width * height > limits.max_image_pixels:
-                raise APIError(400, f"{too_big} ({width}x{height} = {width * height / 1e6:.1f} megapixels)",
-                               param=param, code="image_too_large")
-            return image.convert("RGB")
-    except Image.DecompressionBombError:
-        raise APIError(400, too_big, param=param, code="image_too_large") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise APIError(400, f"{param}: not a readable image ({e})", param=param, code="invalid_image") from None
 
 
 # --- scalar fields ----------------------------------------------------------------------------------------------------
@@ -269,6 +294,10 @@ def _stops(value: Any) -> list[str]:
     if any(not s.strip() for s in stops):
         raise APIError(400, "stop strings made only of whitespace are not supported (generation ignores them)",
                        param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
+    for s in stops:
+        _text(s, "stop")
     return stops
 
 
@@ -277,7 +306,7 @@ def _integer(body: dict, name: str, low: int | None, high: int | None) -> int | 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{name} must be an integer, got {value!r}", param=name)
+        raise APIError(400, f"{name} must be an integer, got {_shown(value)}", param=name)
     if (low is not None and value < low) or (high is not None and value > high):
         raise APIError(400, f"{name}={value} is out of range", param=name)
     return value
@@ -287,8 +316,9 @@ def _number(body: dict, name: str, low: float, high: float, low_open: bool = Fal
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"{name} must be a number, got {value!r}", param=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise APIError(400, f"{name} must be a finite number, got {_shown(value)}", param=name)
     if value > high or value < low or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise APIError(400, f"{name}={value} is out of range {interval}", param=name)
@@ -302,3 +332,9 @@ def _boolean(body: dict, name: str, param: str | None = None) -> bool:
     if not isinstance(value, bool):
         raise APIError(400, f"{param or name} must be true or false", param=param or name)
     return value
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A client's value as an error message quotes it: never the whole of a megabyte-long string or list."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

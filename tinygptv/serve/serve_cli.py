@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-from tinygptv.cli_options import add_model_args, generation_settings, load_for_args
+from tinygptv.cli_options import add_input_limit_args, add_model_args, generation_settings, input_limits, load_for_args
 from tinygptv.data.templates import inference_template
 
 API_KEY_ENV = "TINYGPTV_API_KEY"
@@ -22,9 +23,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                     "data: URL (base64 PNG/JPEG) in an image_url content part; one image per conversation. One "
                     "thread runs the model; concurrent requests wait in a queue, and waiting non-streaming requests "
                     "with equal settings run as one batch. --max-new-tokens, --temperature and --top-p are the "
-                    "defaults for requests that leave them out (temperature 0 or unset: greedy). docs/serve.md has "
-                    "curl and Python examples.")
+                    "defaults for requests that leave them out (temperature 0 or unset: greedy). Every request is "
+                    "bounded: body size, prompt tokens, image pixels, max_tokens and generation time, each a flag "
+                    "below; a client that disconnects stops its generation. docs/serve.md has curl and Python "
+                    "examples and the limits.")
     add_model_args(p)
+    add_input_limit_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface, "
                         "then set --api-key)")
@@ -41,13 +45,17 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="also accept file:// image URLs, for files inside DIR only (default: refused)")
     p.add_argument("--max-body-mb", type=float, default=20.0,
                    help="largest request body, in MB (default 20; 413 above)")
-    p.add_argument("--max-image-megapixels", type=float, default=20.0,
-                   help="largest image, checked from its header before decoding (default 20)")
     p.add_argument("--max-tokens-limit", type=int, default=1024,
                    help="largest max_tokens a request may ask for; above it the request is refused with 400, not "
                         "clamped (default 1024)")
+    p.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds one request may generate; the answer so far is returned with finish_reason "
+                        "\"length\" (default 300; 0 = no limit)")
     p.add_argument("--queue-size", type=int, default=16,
-                   help="requests that may wait for the model; one more gets 503 server_overloaded (default 16)")
+                   help="requests that may wait for the model; one more gets 503 server_overloaded with "
+                        "Retry-After (default 16)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open connections uvicorn accepts; more get 503 (default 64)")
     p.add_argument("--max-batch-size", type=int, default=4,
                    help="waiting non-streaming requests with equal settings run as one batch of up to this many "
                         "(default 4; 1 = strictly one at a time)")
@@ -74,7 +82,7 @@ def cmd_serve(args) -> int:
               f"(set --api-key or ${API_KEY_ENV})", file=sys.stderr)
     print(f"serving {settings.model_id!r} at http://{args.host}:{args.port}/v1 (OpenAI chat completions)",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections)
     return 0
 
 
@@ -85,12 +93,15 @@ def load_serving_model(args):
 
 def check_args(args) -> None:
     """Fail before loading the model, naming the flag."""
-    positive = {"--max-body-mb": args.max_body_mb, "--max-image-megapixels": args.max_image_megapixels,
-                "--max-tokens-limit": args.max_tokens_limit, "--queue-size": args.queue_size,
-                "--max-batch-size": args.max_batch_size, "--max-new-tokens": args.max_new_tokens}
+    positive = {"--max-body-mb": args.max_body_mb, "--max-tokens-limit": args.max_tokens_limit,
+                "--queue-size": args.queue_size, "--max-batch-size": args.max_batch_size,
+                "--max-new-tokens": args.max_new_tokens, "--max-connections": args.max_connections}
     for flag, value in positive.items():
-        if value <= 0:
+        if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be positive, got {value}")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout >= 0):
+        raise ValueError(f"--request-timeout must be a number of seconds >= 0, got {args.request_timeout}")
+    input_limits(args)
     if args.max_new_tokens > args.max_tokens_limit:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} is above --max-tokens-limit {args.max_tokens_limit}")
     if not 0 <= args.port <= 65535:
@@ -110,11 +121,13 @@ def app_from_args(model, args):
     check_args(args)
     name = args.model.rstrip("/\\") or args.model
     model_id = args.served_model_name or (Path(name).name if Path(name).is_dir() else name)
+    max_prompt_tokens, max_pixels = input_limits(args)
     limits = Limits(
-        max_image_pixels=int(args.max_image_megapixels * 1_000_000),
+        max_image_pixels=max_pixels,
         max_tokens=args.max_tokens_limit,
         default_max_tokens=args.max_new_tokens,
         allow_local_files=args.allow_local_files,
+        max_prompt_tokens=max_prompt_tokens,
     )
     settings = ServeSettings(
         model_id=model_id,
@@ -127,5 +140,6 @@ def app_from_args(model, args):
         defaults=generation_settings(args),
         queue_size=args.queue_size,
         max_batch=args.max_batch_size,
+        time_limit=args.request_timeout or None,
     )
     return create_app(model, settings)

@@ -8,8 +8,8 @@ import threading
 import time
 
 import gradio as gr
-from PIL import Image
 
+from tinygptv.data.image_file import DEFAULT_MAX_PIXELS, ImageError, open_image
 from tinygptv.data.templates import TASK_TAGS, with_task
 from tinygptv.model.generation import GenerationSettings
 from tinygptv.model.tinygptv import TinyGPTV
@@ -24,25 +24,33 @@ class DemoBackend:
     queue's concurrency limit of 1: a generation whose browser went away still finishes in its thread, and the next
     request must wait for it."""
 
-    def __init__(self, model: TinyGPTV, template: str | None = None, repetition_penalty: float = 1.0):
+    def __init__(self, model: TinyGPTV, template: str | None = None, repetition_penalty: float = 1.0, *,
+                 max_prompt_tokens: int | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.model = model
         self.template = template
         self.repetition_penalty = repetition_penalty
+        self.max_prompt_tokens, self.max_image_pixels = max_prompt_tokens, max_image_pixels
         self.lock = threading.Lock()
 
-    def new_session(self, image: Image.Image | None) -> ChatSession:
-        session = ChatSession(self.model, template=self.template)
+    def new_session(self, image: str | None) -> ChatSession:
+        """`image` is the uploaded file's path: it is opened by open_image, as on every other entry point."""
+        session = ChatSession(self.model, template=self.template, max_prompt_tokens=self.max_prompt_tokens,
+                              max_image_pixels=self.max_image_pixels)
         if image is not None:
             with self.lock:
                 session.set_image(image)
         return session
 
-    def on_image(self, image: Image.Image | None):
+    def on_image(self, image: str | None):
         """A new image (or none) starts a new conversation. Returns chat, boxes, status, session."""
+        try:
+            session = self.new_session(image)
+        except (ImageError, OSError) as e:  # the page says why; questions go on without the image
+            return [], None, f"Image refused: {_shown(str(e))}", self.new_session(None)
         status = "Image loaded: a new conversation." if image is not None else "No image: text-only questions."
-        return [], None, status, self.new_session(image)
+        return [], None, status, session
 
-    def on_reset(self, image: Image.Image | None, session: ChatSession | None):
+    def on_reset(self, image: str | None, session: ChatSession | None):
         if session is None:
             session = self.new_session(image)
         with self.lock:  # not while a generation that outlived its page still writes its answer
@@ -50,14 +58,18 @@ class DemoBackend:
         return [], None, "Conversation cleared.", session
 
     def respond(self, question: str, task: str, temperature: float, top_p: float, num_beams: int,
-                max_new_tokens: int, image: Image.Image | None, history: list, session: ChatSession | None):
+                max_new_tokens: int, image: str | None, history: list, session: ChatSession | None):
         """A generator for Gradio: yields (chat, question box, boxes image, status, session) as the answer grows."""
         question = question.strip()
         if not question:
             yield history, "", gr.skip(), "Type a question first.", session
             return
         if session is None:
-            session = self.new_session(image)
+            try:
+                session = self.new_session(image)
+            except (ImageError, OSError) as e:
+                yield history, question, gr.skip(), f"Image refused: {_shown(str(e))}", session
+                return
         task = None if task in (None, "", NO_TASK) else task
         session.settings = GenerationSettings(  # the page's controls; temperature 0 is greedy, as on the CLI
             max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
@@ -74,7 +86,10 @@ class DemoBackend:
         except Exception as e:  # the page shows why, the question goes back into its box to be asked again
             yield history[:-2], question, None, f"Generation failed: {_shown(str(e))}", session
             return
-        boxed, drawn = draw_on(image, answer) if image is not None else (None, 0)
+        shown = None
+        if image is not None and session.image_embeds is not None:  # the upload, upright, as the model saw it
+            shown = open_image(image, max_pixels=self.max_image_pixels)
+        boxed, drawn = draw_on(shown, answer) if shown is not None else (None, 0)
         took = time.perf_counter() - started
         status = f"Turn {len(history) // 2} answered in {took:.1f} s"
         status += f"; {drawn} box{'es' if drawn != 1 else ''} drawn." if drawn else "."
@@ -113,10 +128,12 @@ def _shown(text: str) -> str:
 
 def build_demo(model: TinyGPTV, name: str, *, template: str | None = None, task: str | None = None,
                max_new_tokens: int = 300, temperature: float = 0.0, top_p: float = 0.9, num_beams: int = 1,
-               repetition_penalty: float = 1.0) -> gr.Blocks:
-    """The page, with one queue that runs one event at a time. Keyword arguments are the controls' starting values.
-    Every element the browser test touches has a stable elem_id."""
-    backend = DemoBackend(model, template=template, repetition_penalty=repetition_penalty)
+               repetition_penalty: float = 1.0, max_prompt_tokens: int | None = None,
+               max_image_pixels: int = DEFAULT_MAX_PIXELS) -> gr.Blocks:
+    """The page, with one queue that runs one event at a time. Keyword arguments are the controls' starting values
+    and the input limits. Every element the browser test touches has a stable elem_id."""
+    backend = DemoBackend(model, template=template, repetition_penalty=repetition_penalty,
+                          max_prompt_tokens=max_prompt_tokens, max_image_pixels=max_image_pixels)
     vision, llm = model.config.vision.name, model.config.llm.name
     with gr.Blocks(title=f"TinyGPT-V demo: {name}", analytics_enabled=False) as demo:
         gr.Markdown(f"## TinyGPT-V demo\nModel: **`{name}`** ({vision} vision tower, {llm} language model). "
@@ -124,7 +141,9 @@ def build_demo(model: TinyGPTV, name: str, *, template: str | None = None, task:
         session = gr.State(None)
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                # the upload's path, not decoded by Gradio (image_mode=None): open_image decodes it under the limits
+                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
+                                 elem_id="image")
                 boxes = gr.Image(type="pil", format="png", label="Boxes in the last answer", interactive=False,
                                  buttons=["download", "fullscreen"], elem_id="boxes")
             with gr.Column(scale=3):

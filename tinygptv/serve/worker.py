@@ -1,17 +1,20 @@
 # The one thread that owns the model in `tinygptv serve`: requests wait in a bounded queue and run one at a time, or,
-# when several non-streaming ones share their settings, as one left-padded batch. Data path: prompt + pixels ->
-# [queue -> encode_image -> generate / stream_generate] -> answer text, handed back through the job's callbacks.
+# when several non-streaming ones share their settings, as one left-padded batch. Each run is bounded in time and
+# stops early for a client that went away. Data path: prompt + pixels -> [queue -> encode_image -> generate /
+# stream_generate] -> answer text, handed back through the job's callbacks.
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from tinygptv.data.templates import IMAGE_PLACEHOLDER
 from tinygptv.model.generation import GenerationSettings
 from tinygptv.model.streaming import stream_generate
 
@@ -25,7 +28,7 @@ class Completion:
     text: str
     prompt_tokens: int  # every position the LLM reads: BOS, text tokens and image query tokens
     completion_tokens: int  # the answer's tokens, counted by tokenising the returned text
-    finish_reason: str  # "length" when the answer used all of max_new_tokens, else "stop"
+    finish_reason: str  # "length" when the answer used all of max_new_tokens or the time limit, else "stop"
 
 
 @dataclass(eq=False)
@@ -39,7 +42,8 @@ class Job:
     on_error: Callable[[BaseException], None]
     on_text: Callable[[str], None] | None = None  # set: stream the answer piece by piece
     seed: int | None = None
-    cancelled: bool = False  # the client went away: skip it if it has not started, stop sending if it has
+    cancelled: bool = False  # the client went away: skip it if it has not started, stop generating if it has
+    timed_out: bool = False  # set by the worker when the time limit cut the answer short
 
     def batch_key(self):
         """Jobs with equal keys can share one generate() call; streaming and seeded jobs run alone."""
@@ -53,11 +57,13 @@ class GenerationWorker:
     Waiting non-streaming jobs with the same settings are batched up to max_batch (TinyGPTV.generate pads on the
     left, which gives the same greedy answers as one by one)."""
 
-    def __init__(self, model, *, max_queue: int = 16, max_batch: int = 4, cached_images: int = 16):
+    def __init__(self, model, *, max_queue: int = 16, max_batch: int = 4, cached_images: int = 16,
+                 time_limit: float | None = None):
         self.model = model
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.cached_images = cached_images
+        self.time_limit = time_limit  # seconds one generate() call may run; the answer so far is returned
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()  # sha256 of pixels -> [Q, D], LRU
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -146,11 +152,17 @@ class GenerationWorker:
             self._embeddings.popitem(last=False)
         return embed
 
+    def _stop_rows(self, jobs: list[Job]) -> StoppingCriteriaList:
+        """Checked by generate() after every token: the time limit, and clients that have gone."""
+        deadline = time.monotonic() + self.time_limit if self.time_limit is not None else float("inf")
+        return StoppingCriteriaList([_StopRows(jobs, deadline, self.model.config.llm.pad_token_id)])
+
     def _batch(self, jobs: list[Job]) -> None:
         embeds = [self._embed(job) for job in jobs]
         if jobs[0].seed is not None:
             torch.manual_seed(jobs[0].seed)
-        texts = self.model.generate(None, [job.prompt for job in jobs], image_embeds=embeds, settings=jobs[0].settings)
+        texts = self.model.generate(None, [job.prompt for job in jobs], image_embeds=embeds, settings=jobs[0].settings,
+                                    stopping_criteria=self._stop_rows(jobs))
         for job, embed, text in zip(jobs, embeds, texts):
             _call(job.on_done, self._completion(job, embed, text))
 
@@ -160,23 +172,39 @@ class GenerationWorker:
             torch.manual_seed(job.seed)
         strip = _Strip()
         pieces = []
-        # stream_generate must be read to the end even if the client has gone: its generation thread would otherwise
-        # still be using the model when the next job starts.
-        for piece in stream_generate(self.model, None, job.prompt, job.settings, image_embeds=[embed]):
-            pieces.append(piece)
-            text = strip.feed(piece)
-            if text and not job.cancelled:
-                _call(job.on_text, text)
+        stream = stream_generate(self.model, None, job.prompt, job.settings, image_embeds=[embed],
+                                 stopping_criteria=self._stop_rows([job]))
+        with contextlib.closing(stream):  # however this ends, the generation thread has left the model
+            for piece in stream:
+                pieces.append(piece)
+                text = strip.feed(piece)
+                if text and not job.cancelled:
+                    _call(job.on_text, text)
         _call(job.on_done, self._completion(job, embed, "".join(pieces).strip()))
 
     def _completion(self, job: Job, embed: torch.Tensor | None, text: str) -> Completion:
-        pieces = job.prompt.split(IMAGE_PLACEHOLDER)
-        prompt_tokens = sum(len(self.model.tokenize(p)) for p in pieces if p)
-        prompt_tokens += int(self.model.config.prompt.bos_at_inference)
-        prompt_tokens += 0 if embed is None else embed.shape[0] * (len(pieces) - 1)
+        prompt_tokens = self.model.prompt_tokens(job.prompt, None if embed is None else embed.shape[0])
         answer_tokens = len(self.model.tokenize(text)) if text else 0
-        length = answer_tokens >= job.settings.max_new_tokens
+        length = answer_tokens >= job.settings.max_new_tokens or job.timed_out
         return Completion(text, prompt_tokens, answer_tokens, "length" if length else "stop")
+
+
+class _StopRows(StoppingCriteria):
+    """Ends the rows of a batch whose client has gone, and every row once the time limit has passed, marking the jobs
+    still generating then as timed out (a finished row only grows padding). Checked by generate() after each new
+    token; with beam search each job owns num_beams consecutive rows."""
+
+    def __init__(self, jobs: Sequence[Job], deadline: float, pad_id: int):
+        self.jobs, self.deadline, self.pad_id = jobs, deadline, pad_id
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:  # input_ids [B * beams, L]
+        per_job = input_ids.shape[0] // len(self.jobs)
+        late = time.monotonic() > self.deadline
+        if late:
+            for k, job in enumerate(self.jobs):
+                job.timed_out = job.timed_out or int(input_ids[k * per_job, -1]) != self.pad_id
+        done = torch.tensor([late or job.cancelled for job in self.jobs], device=input_ids.device)
+        return done.repeat_interleave(per_job)  # [B * beams]
 
 
 class _Strip:

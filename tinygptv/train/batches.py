@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from tinygptv.data.datasets.sample import DatasetError, Sample
+from tinygptv.data.image_file import ImageError
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import Template
 
@@ -62,13 +63,18 @@ class StreamState:
     step: int = 0
     cursors: dict[str, int] = field(default_factory=dict)  # samples consumed in the current pass of each dataset
     epochs: dict[str, int] = field(default_factory=dict)  # full passes completed over each dataset
-    skipped: dict[str, int] = field(default_factory=dict)  # bad records skipped, per dataset
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # bad records skipped: dataset -> reason -> n
 
 
 class MixedBatches:
     """One dataset per step, chosen with probability sample_ratio / sum of ratios; batches of that dataset's
     batch size; each pass over a dataset in a fresh seeded order (drop_last). Under DDP every rank draws the same
-    dataset and global batch and keeps its own slice, so one process and N processes see the same samples."""
+    dataset and global batch and keeps its own slice, so one process and N processes see the same samples.
+
+    skip_bad (the recipe's on_bad_record: skip) decides for every kind of bad record: the malformed ones the readers
+    set aside while parsing (stop: the first stops the run before it starts), the ones a shard reader meets while
+    streaming, and records whose image is missing or cannot be decoded. Skipped records are counted per dataset and
+    reason in state.skipped."""
 
     def __init__(self, datasets: dict[str, Any], ratios: dict[str, float], batch_sizes: dict[str, int],
                  processor: ImageProcessor, renderer: PromptRenderer, *, seed: int, skip_bad: bool,
@@ -81,12 +87,30 @@ class MixedBatches:
         self._orders: dict[tuple[str, int], list[int]] = {}
         self._iters: dict[str, Any] = {}
         for name, ds in datasets.items():
+            self._set_aside(name, ds)
             if hasattr(ds, "__len__") and len(ds) < batch_sizes[name]:
                 raise DatasetError(f"dataset {name!r} has {len(ds)} usable records, fewer than its batch size "
                                    f"{batch_sizes[name]}")
             if batch_sizes[name] % world_size:
                 raise ValueError(f"dataset {name!r}: batch size {batch_sizes[name]} does not split over "
                                  f"{world_size} processes")
+
+    def _set_aside(self, name: str, ds) -> None:
+        """The records the reader could not parse: stop at the first, or count them; a streaming reader is told to
+        skip its own bad samples (they are counted as they go by, in _next_streamed)."""
+        bad = getattr(ds, "bad_records", [])
+        if bad and not self.skip_bad:
+            more = f" ({len(bad) - 1} more malformed records)" if len(bad) > 1 else ""
+            raise DatasetError(f"dataset {name!r}: {bad[0]}{more}; fix the file, or set on_bad_record: skip to "
+                               "leave such records out") from bad[0]
+        for error in bad:
+            self._count_skip(name, error.reason)
+        if self.skip_bad and hasattr(ds, "strict"):
+            ds.strict = False
+
+    def _count_skip(self, name: str, reason: str, n: int = 1) -> None:
+        reasons = self.state.skipped.setdefault(name, {})
+        reasons[reason] = reasons.get(reason, 0) + n
 
     def _order(self, name: str) -> list[int]:
         epoch = self.state.epochs.get(name, 0)
@@ -121,12 +145,18 @@ class MixedBatches:
                 self._iters[name] = iter(ds)
                 for _ in range(self.state.cursors.get(name, 0)):
                     next(self._iters[name])
+            skipped_before = getattr(ds, "skipped", 0)
             try:
                 sample = next(self._iters[name])
             except StopIteration:
                 del self._iters[name]
                 self._next_pass(name)
                 continue
+            except DatasetError as e:  # a shard reader's bad sample, with on_bad_record: stop
+                raise DatasetError(f"dataset {name!r}: {e}", e.reason) from e
+            finally:
+                if getattr(ds, "skipped", 0) > skipped_before:
+                    self._count_skip(name, "malformed record", ds.skipped - skipped_before)
             cursor = self.state.cursors.get(name, 0)
             self.state.cursors[name] = cursor + 1
             return cursor, sample
@@ -163,16 +193,18 @@ class MixedBatches:
         return batch
 
     def _load(self, name: str, index: int, sample: Sample | None = None):
-        """Read one record and open its image. A bad one stops the run with its dataset, file and record, or is
-        counted and skipped (on_bad_record: skip)."""
+        """Read one record and open its image. A bad one stops the run with its dataset, file and record (and the
+        image file or field the reader names), or is counted and skipped (on_bad_record: skip)."""
         try:
             sample = self.datasets[name][index] if sample is None else sample
             pixels = self.processor(sample.image) if sample.image is not None else None
             return index, sample, pixels
-        except (DatasetError, OSError, ValueError) as e:
+        except (DatasetError, ImageError, OSError, ValueError) as e:
             if not self.skip_bad:
-                raise DatasetError(f"dataset {name!r}, record {index}: {e}") from e
-            self.state.skipped[name] = self.state.skipped.get(name, 0) + 1
+                record = f", record {sample.source}" if sample is not None and sample.source else ""
+                raise DatasetError(f"dataset {name!r}{record}: {e}", getattr(e, "reason", "bad record")) from e
+            reason = getattr(e, "reason", "missing image" if isinstance(e, FileNotFoundError) else "bad record")
+            self._count_skip(name, reason)
             return None
 
     def _collate(self, name: str, items: Sequence[tuple[int, Sample, Any]]) -> Batch:
@@ -192,8 +224,11 @@ class MixedBatches:
 
     def state_dict(self) -> dict:
         s = self.state
-        return {"step": s.step, "cursors": dict(s.cursors), "epochs": dict(s.epochs), "skipped": dict(s.skipped)}
+        return {"step": s.step, "cursors": dict(s.cursors), "epochs": dict(s.epochs),
+                "skipped": {name: dict(counts) for name, counts in s.skipped.items()}}
 
     def load_state_dict(self, d: dict) -> None:
-        self.state = StreamState(d["step"], dict(d["cursors"]), dict(d["epochs"]), dict(d["skipped"]))
+        skipped = {name: counts if isinstance(counts, dict) else {"bad record": counts}  # before counts had reasons
+                   for name, counts in d["skipped"].items()}
+        self.state = StreamState(d["step"], dict(d["cursors"]), dict(d["epochs"]), skipped)
         self._iters.clear()

@@ -33,9 +33,17 @@ from tinygptv.data.datasets.text import blip_caption
 from tinygptv.data.datasets.webdataset import CaptionShards
 
 
-def build_dataset(name: str, **kwargs: Any):
-    """The dataset a recipe names, built from the recipe's keyword arguments (e.g. ann_path, image_root, seed)."""
-    return DATASETS[name](**kwargs)
+def build_dataset(name: str, on_bad_record: str = "stop", **kwargs: Any):
+    """The dataset a recipe names, built from the recipe's keyword arguments (e.g. ann_path, image_root, seed).
+    A map-style reader sets malformed records aside (`bad_records`); with on_bad_record "stop" the first of them is
+    raised here, with "skip" the dataset is returned without them."""
+    if on_bad_record not in ("stop", "skip"):
+        raise ValueError(f"on_bad_record: {on_bad_record!r} is not 'stop' or 'skip'")
+    dataset = DATASETS[name](**kwargs)
+    bad = getattr(dataset, "bad_records", [])
+    if bad and on_bad_record == "stop":
+        raise bad[0]
+    return dataset
 
 
 __all__ = ["DATASETS", "CaptionShards", "DatasetError", "RecordDataset", "Sample", "blip_caption", "box_text",

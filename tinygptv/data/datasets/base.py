@@ -1,13 +1,14 @@
-# The machinery every map-style reader shares: loading an annotation file, checking a record's fields, the
-# per-item seeded RNG, the lazy image check and the DATASETS registry.
+# The machinery every map-style reader shares: loading an annotation file, checking a record's fields, setting
+# malformed records aside, the per-item seeded RNG, the lazy image check and the DATASETS registry.
 # Data path: dataset files -> [reader built on RecordDataset] -> Sample -> batch builder -> model.
 from __future__ import annotations
 
 import json
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Generic, Sequence, TypeVar
+from typing import Any, Generic, Iterator, Sequence, TypeVar
 
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.registry import Registry
@@ -27,8 +28,8 @@ def load_json(path: PathLike) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
 
 
 def load_list(path: PathLike) -> list:
@@ -59,6 +60,20 @@ def _type_name(kind: type) -> str:
     )
 
 
+class BadRecords(list):
+    """The malformed records a reader met while parsing its files, as DatasetErrors. A reader parses every record
+    inside `with bad.record():`, which sets a record that fails aside instead of stopping at it; what happens to
+    them (stop at the first, or leave them out and count them) is decided by whoever uses the dataset:
+    build_dataset and the training batch stream, through on_bad_record."""
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        try:
+            yield
+        except DatasetError as e:
+            self.append(e)
+
+
 def as_paths(ann_path: PathLike | Sequence[PathLike]) -> list[Path]:
     """One path or a list of them (LAVIS-style `ann_paths`), as a list."""
     if isinstance(ann_path, (str, os.PathLike)):
@@ -70,17 +85,21 @@ class RecordDataset(Generic[R]):
     """A map-style dataset over records parsed and validated up front (so a malformed file fails when the dataset
     is built, not hours into training).
 
-    Subclasses fill `self.records` (any per-reader record type) and implement `make(record, rng) -> Sample`. Every
+    Subclasses fill `self.records` (any per-reader record type) and implement `make(record, rng) -> Sample`; the
+    records they could not parse are in `self.bad_records` (see BadRecords), left out of the dataset. Every
     random choice (instruction template, answer, sentence) comes from `random.Random(hash((seed, index, epoch)))`,
     so item i of epoch e is the same on every run, in every worker, after every resume. Call `set_epoch` to vary
     the choices between epochs."""
 
     task: str | None = None
 
-    def __init__(self, records: list[R], *, origin: str, seed: int = 0, check_images: bool = True):
+    def __init__(self, records: list[R], *, origin: str, seed: int = 0, check_images: bool = True,
+                 bad_records: Sequence[DatasetError] = ()):
         if not records:
-            raise DatasetError(f"{origin}: no usable records")
+            first = f"; {len(bad_records)} malformed, the first: {bad_records[0]}" if bad_records else ""
+            raise DatasetError(f"{origin}: no usable records{first}")
         self.records = records
+        self.bad_records = list(bad_records)
         self.origin = origin  # the annotation file(s), for messages
         self.seed = int(seed)
         self.epoch = 0
@@ -101,7 +120,7 @@ class RecordDataset(Generic[R]):
         index %= len(self.records)
         sample = self.make(self.records[index], self.rng(index))
         if self.check_images and isinstance(sample.image, str) and not os.path.isfile(sample.image):
-            raise DatasetError(f"{sample.source}: image {sample.image} not found")
+            raise DatasetError(f"{sample.source}: image {sample.image} not found", reason="missing image")
         return sample
 
     def make(self, record: R, rng: random.Random) -> Sample:

@@ -8,7 +8,8 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from tinygptv.data.datasets.base import DATASETS, PathLike, RecordDataset, load_json, load_list, need
+from tinygptv.data.datasets.base import (DATASETS, BadRecords, PathLike, RecordDataset, load_json, load_list,
+                                         need)
 from tinygptv.data.datasets.sample import Sample
 from tinygptv.data.datasets.text import ALIGNMENT_PROMPTS, CAPTION_POOL, blip_caption
 
@@ -42,12 +43,13 @@ class CCSBUAlign(RecordDataset[Caption]):
                  seed: int = 0, check_images: bool = True):
         path = Path(ann_path) if ann_path is not None else Path(root) / "filter_cap.json"
         images = Path(image_root) if image_root is not None else Path(root) / "image"
-        records = []
+        records, bad = [], BadRecords()
         for i, rec in enumerate(need(load_json(path), "annotations", list, path.name)):
-            where = f"{path.name}:{i}"
-            image_id = need(rec, "image_id", (str, int), where)
-            records.append(Caption(str(images / f"{image_id}.jpg"), need(rec, "caption", str, where), where))
-        super().__init__(records, origin=str(path), seed=seed, check_images=check_images)
+            with bad.record():
+                where = f"{path.name}:{i}"
+                image_id = need(rec, "image_id", (str, int), where)
+                records.append(Caption(str(images / f"{image_id}.jpg"), need(rec, "caption", str, where), where))
+        super().__init__(records, origin=str(path), seed=seed, check_images=check_images, bad_records=bad)
 
     def make(self, record: Caption, rng: random.Random) -> Sample:
         return Sample(record.image, [(rng.choice(ALIGNMENT_PROMPTS), record.caption)], None, record.source)
@@ -59,13 +61,14 @@ class TextCapsCaption(_CaptionTask):
 
     def __init__(self, ann_path: PathLike, image_root: PathLike, *, seed: int = 0, check_images: bool = True):
         path = Path(ann_path)
-        records = []
+        records, bad = [], BadRecords()
         for i, rec in enumerate(need(load_json(path), "data", list, path.name)):
-            where = f"{path.name}:{i}"
-            image_id = need(rec, "image_id", (str, int), where)
-            records.append(Caption(os.path.join(image_root, f"{image_id}.jpg"), need(rec, "caption_str", str, where),
-                                   where))
-        super().__init__(records, origin=str(path), seed=seed, check_images=check_images)
+            with bad.record():
+                where = f"{path.name}:{i}"
+                image_id = need(rec, "image_id", (str, int), where)
+                caption = need(rec, "caption_str", str, where)
+                records.append(Caption(os.path.join(image_root, f"{image_id}.jpg"), caption, where))
+        super().__init__(records, origin=str(path), seed=seed, check_images=check_images, bad_records=bad)
 
 
 @DATASETS.register("coco_caption")
@@ -78,11 +81,12 @@ class COCOCaption(_CaptionTask):
 
     def __init__(self, ann_path: PathLike, image_root: PathLike, *, seed: int = 0, check_images: bool = True):
         path = Path(ann_path)
-        records = []
+        records, bad = [], BadRecords()
         for i, rec in enumerate(load_list(path)):
-            where = f"{path.name}:{i}"
-            image = need(rec, "image", str, where)
-            caption = need(rec, "caption", str, where)
-            if "train" in image:
-                records.append(Caption(os.path.join(image_root, image.split("/")[-1]), caption, where))
-        super().__init__(records, origin=str(path), seed=seed, check_images=check_images)
+            with bad.record():
+                where = f"{path.name}:{i}"
+                image = need(rec, "image", str, where)
+                caption = need(rec, "caption", str, where)
+                if "train" in image:
+                    records.append(Caption(os.path.join(image_root, image.split("/")[-1]), caption, where))
+        super().__init__(records, origin=str(path), seed=seed, check_images=check_images, bad_records=bad)

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from tinygptv.data.datasets.base import DATASETS, PathLike, RecordDataset, load_list, need
+from tinygptv.data.datasets.base import DATASETS, BadRecords, PathLike, RecordDataset, load_list, need
 from tinygptv.data.datasets.sample import Sample
 from tinygptv.data.datasets.text import DETECTION_POOL, GROUNDING_POOL
 
@@ -24,13 +24,14 @@ class _Flickr(RecordDataset[FlickrRecord]):
 
     def __init__(self, ann_path: PathLike, image_root: PathLike, *, seed: int = 0, check_images: bool = True):
         path = Path(ann_path)
-        records = []
+        records, bad = [], BadRecords()
         for i, rec in enumerate(load_list(path)):
-            where = f"{path.name}:{i}"
-            image_id = need(rec, "image_id", (str, int), where)
-            values = tuple(need(rec, key, str, where) for key in self.FIELDS)
-            records.append(FlickrRecord(os.path.join(image_root, f"{image_id}.jpg"), values, where))
-        super().__init__(records, origin=str(path), seed=seed, check_images=check_images)
+            with bad.record():
+                where = f"{path.name}:{i}"
+                image_id = need(rec, "image_id", (str, int), where)
+                values = tuple(need(rec, key, str, where) for key in self.FIELDS)
+                records.append(FlickrRecord(os.path.join(image_root, f"{image_id}.jpg"), values, where))
+        super().__init__(records, origin=str(path), seed=seed, check_images=check_images, bad_records=bad)
 
     def make(self, record: FlickrRecord, rng: random.Random) -> Sample:
         instruction, answer = self.pair(*record.fields, rng=rng)

@@ -28,7 +28,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from tinygptv.data.datasets.base import DATASETS, PathLike, RecordDataset, expect, load_list, need
+from tinygptv.data.datasets.base import DATASETS, BadRecords, PathLike, RecordDataset, expect, load_list, need
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.data.datasets.text import blip_caption
 
@@ -67,19 +67,20 @@ class _OfficialLlava(_Dialogues):
 
     def __init__(self, ann_path: PathLike, image_root: PathLike, *, seed: int = 0, check_images: bool = True):
         path = Path(ann_path)
-        records = []
+        records, bad = [], BadRecords()
         for i, rec in enumerate(load_list(path)):
-            where = f"{path.name}:{i}"
-            image_id = need(rec, "id", (str, int), where)
-            texts = _texts(rec, where)
-            first = _official_first(texts[0])
-            if self.process_question:
-                first = blip_caption(first)
-            texts[0] = first
-            pairs = len(texts) // 2 if self.multi_turn else 1
-            turns = tuple((texts[2 * k], texts[2 * k + 1]) for k in range(pairs))
-            records.append(Dialogue(os.path.join(image_root, f"COCO_train2014_{image_id}.jpg"), turns, where))
-        super().__init__(records, origin=str(path), seed=seed, check_images=check_images)
+            with bad.record():
+                where = f"{path.name}:{i}"
+                image_id = need(rec, "id", (str, int), where)
+                texts = _texts(rec, where)
+                first = _official_first(texts[0])
+                if self.process_question:
+                    first = blip_caption(first)
+                texts[0] = first
+                pairs = len(texts) // 2 if self.multi_turn else 1
+                turns = tuple((texts[2 * k], texts[2 * k + 1]) for k in range(pairs))
+                records.append(Dialogue(os.path.join(image_root, f"COCO_train2014_{image_id}.jpg"), turns, where))
+        super().__init__(records, origin=str(path), seed=seed, check_images=check_images, bad_records=bad)
 
 
 @DATASETS.register("llava_conversation")
@@ -118,21 +119,22 @@ class LlavaJson(_Dialogues):
                  check_images: bool = True):
         path = Path(ann_path)
         root = Path(image_root) if image_root is not None else path.parent
-        records = []
+        records, bad = [], BadRecords()
         for i, rec in enumerate(load_list(path)):
-            where = f"{path.name}:{i}"
-            image = None
-            if expect(rec, dict, where).get("image") is not None:
-                image = str(root / need(rec, "image", str, where))  # an absolute path wins over root
-            texts = _texts(rec, where)
-            for k, turn in enumerate(rec["conversations"]):
-                role = need(turn, "from", str, f"{where}: conversations[{k}]")
-                if role != self.ROLES[k % 2]:
-                    raise DatasetError(f"{where}: field 'conversations[{k}].from' is {role!r}, expected "
-                                       f"{self.ROLES[k % 2]!r} (turns alternate human, gpt)")
-            if len(texts) % 2:
-                raise DatasetError(f"{where}: field 'conversations' ends with a question that has no answer")
-            texts = [t.replace(IMAGE_MARKER, "").strip() for t in texts]
-            turns = tuple((texts[k], texts[k + 1]) for k in range(0, len(texts), 2))
-            records.append(Dialogue(image, turns, where))
-        super().__init__(records, origin=str(path), seed=seed, check_images=check_images)
+            with bad.record():
+                where = f"{path.name}:{i}"
+                image = None
+                if expect(rec, dict, where).get("image") is not None:
+                    image = str(root / need(rec, "image", str, where))  # an absolute path wins over root
+                texts = _texts(rec, where)
+                for k, turn in enumerate(rec["conversations"]):
+                    role = need(turn, "from", str, f"{where}: conversations[{k}]")
+                    if role != self.ROLES[k % 2]:
+                        raise DatasetError(f"{where}: field 'conversations[{k}].from' is {role!r}, expected "
+                                           f"{self.ROLES[k % 2]!r} (turns alternate human, gpt)")
+                if len(texts) % 2:
+                    raise DatasetError(f"{where}: field 'conversations' ends with a question that has no answer")
+                texts = [t.replace(IMAGE_MARKER, "").strip() for t in texts]
+                turns = tuple((texts[k], texts[k + 1]) for k in range(0, len(texts), 2))
+                records.append(Dialogue(image, turns, where))
+        super().__init__(records, origin=str(path), seed=seed, check_images=check_images, bad_records=bad)

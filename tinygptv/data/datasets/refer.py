@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from tinygptv.data.datasets.base import DATASETS, PathLike, RecordDataset, expect, load_json, need
+from tinygptv.data.datasets.base import DATASETS, BadRecords, PathLike, RecordDataset, expect, load_json, need
 from tinygptv.data.datasets.safe_pickle import load_plain_pickle
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.data.boxes import box_text
@@ -47,7 +47,8 @@ def in_split(ref_split: str, split: str | None) -> bool:
     return ref_split == split
 
 
-def load_refs(ann_path: PathLike, dataset: str, split_by: str, split: str | None, image_root: PathLike) -> list[Ref]:
+def load_refs(ann_path: PathLike, dataset: str, split_by: str, split: str | None, image_root: PathLike,
+              bad: BadRecords) -> list[Ref]:
     folder = Path(ann_path) / dataset
     ref_file = folder / f"refs({split_by}).p"
     refs = expect(load_plain_pickle(ref_file), list, f"{ref_file.name}: top level")
@@ -60,30 +61,32 @@ def load_refs(ann_path: PathLike, dataset: str, split_by: str, split: str | None
 
     out = []
     for i, ref in enumerate(refs):
-        where = f"{ref_file.name}:{i}"
-        if not in_split(need(ref, "split", str, where), split):
-            continue
-        image_id, ann_id = need(ref, "image_id", int, where), need(ref, "ann_id", int, where)
-        sentences = need(ref, "sentences", list, where)
-        if not sentences:
-            raise DatasetError(f"{where}: field 'sentences' is empty")
-        raws = tuple(need(s, "raw", str, f"{where}: sentences[{k}]") for k, s in enumerate(sentences))
-        if ann_id not in anns:
-            raise DatasetError(f"{where}: field 'ann_id' {ann_id} is not an annotation of {instances_file}")
-        if image_id not in images:
-            raise DatasetError(f"{where}: field 'image_id' {image_id} is not an image of {instances_file}")
-        k, ann = anns[ann_id]
-        bbox = need(ann, "bbox", list, f"{instances_file.name}: annotations[{k}]")
-        if len(bbox) != 4:
-            raise DatasetError(f"{instances_file.name}: annotations[{k}]: field 'bbox' must have 4 numbers")
-        x, y, w, h = (expect(v, (int, float), f"{instances_file.name}: annotations[{k}]: field 'bbox'") for v in bbox)
-        img_where = f"{instances_file.name}: image {image_id}"
-        width = need(images[image_id], "width", int, img_where)
-        height = need(images[image_id], "height", int, img_where)
-        if width <= 0 or height <= 0:
-            raise DatasetError(f"{img_where}: size {width}x{height} is not positive")
-        image = os.path.join(image_root, f"COCO_train2014_{image_id:012d}.jpg")
-        out.append(Ref(image, raws, box_text(x, y, x + w, y + h, width, height), where))
+        with bad.record():
+            where = f"{ref_file.name}:{i}"
+            if not in_split(need(ref, "split", str, where), split):
+                continue
+            image_id, ann_id = need(ref, "image_id", int, where), need(ref, "ann_id", int, where)
+            sentences = need(ref, "sentences", list, where)
+            if not sentences:
+                raise DatasetError(f"{where}: field 'sentences' is empty")
+            raws = tuple(need(s, "raw", str, f"{where}: sentences[{k}]") for k, s in enumerate(sentences))
+            if ann_id not in anns:
+                raise DatasetError(f"{where}: field 'ann_id' {ann_id} is not an annotation of {instances_file}")
+            if image_id not in images:
+                raise DatasetError(f"{where}: field 'image_id' {image_id} is not an image of {instances_file}")
+            k, ann = anns[ann_id]
+            bbox = need(ann, "bbox", list, f"{instances_file.name}: annotations[{k}]")
+            if len(bbox) != 4:
+                raise DatasetError(f"{instances_file.name}: annotations[{k}]: field 'bbox' must have 4 numbers")
+            x, y, w, h = (expect(v, (int, float), f"{instances_file.name}: annotations[{k}]: field 'bbox'")
+                          for v in bbox)
+            img_where = f"{instances_file.name}: image {image_id}"
+            width = need(images[image_id], "width", int, img_where)
+            height = need(images[image_id], "height", int, img_where)
+            if width <= 0 or height <= 0:
+                raise DatasetError(f"{img_where}: size {width}x{height} is not positive")
+            image = os.path.join(image_root, f"COCO_train2014_{image_id:012d}.jpg")
+            out.append(Ref(image, raws, box_text(x, y, x + w, y + h, width, height), where))
     return out
 
 
@@ -93,9 +96,10 @@ class _ReferBase(RecordDataset[Ref]):
         if dataset not in SPLIT_BY:
             raise ValueError(f"unknown REFER dataset {dataset!r}; known: {', '.join(SPLIT_BY)}")
         split_by = split_by or SPLIT_BY[dataset]
-        records = load_refs(ann_path, dataset, split_by, split, image_root)
+        bad = BadRecords()
+        records = load_refs(ann_path, dataset, split_by, split, image_root, bad)
         origin = f"{Path(ann_path) / dataset / f'refs({split_by}).p'} (split {split!r})"
-        super().__init__(records, origin=origin, seed=seed, check_images=check_images)
+        super().__init__(records, origin=origin, seed=seed, check_images=check_images, bad_records=bad)
 
 
 class ReferCOCO(_ReferBase):

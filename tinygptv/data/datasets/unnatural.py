@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from tinygptv.data.datasets.base import DATASETS, PathLike, RecordDataset, load_list, need
+from tinygptv.data.datasets.base import DATASETS, BadRecords, PathLike, RecordDataset, load_list, need
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.data.datasets.text import blip_caption
 
@@ -26,19 +26,20 @@ class UnnaturalInstruction(RecordDataset[Instruction]):
 
     def __init__(self, ann_path: PathLike, *, seed: int = 0):
         path = Path(ann_path)
-        records = []
+        records, bad = [], BadRecords()
         for i, rec in enumerate(load_list(path)):
-            where = f"{path.name}:{i}"
-            instances = need(rec, "instances", list, where)
-            if not instances:
-                raise DatasetError(f"{where}: field 'instances' is empty")
-            first = f"{where}: instances[0]"
-            instruction = need(instances[0], "instruction_with_input", str, first)
-            constraints = need(instances[0], "constraints", (str, type(None)), first)
-            if constraints is not None:
-                instruction = instruction + " " + constraints
-            records.append(Instruction(instruction, need(instances[0], "output", str, first), where))
-        super().__init__(records, origin=str(path), seed=seed, check_images=False)
+            with bad.record():
+                where = f"{path.name}:{i}"
+                instances = need(rec, "instances", list, where)
+                if not instances:
+                    raise DatasetError(f"{where}: field 'instances' is empty")
+                first = f"{where}: instances[0]"
+                instruction = need(instances[0], "instruction_with_input", str, first)
+                constraints = need(instances[0], "constraints", (str, type(None)), first)
+                if constraints is not None:
+                    instruction = instruction + " " + constraints
+                records.append(Instruction(instruction, need(instances[0], "output", str, first), where))
+        super().__init__(records, origin=str(path), seed=seed, check_images=False, bad_records=bad)
 
     def make(self, record: Instruction, rng: random.Random) -> Sample:
         return Sample(None, [(blip_caption(record.instruction), blip_caption(record.output))], None, record.source)

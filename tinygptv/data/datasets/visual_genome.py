@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from tinygptv.data.datasets.base import DATASETS, PathLike, RecordDataset, expect, load_list, need
+from tinygptv.data.datasets.base import DATASETS, BadRecords, PathLike, RecordDataset, expect, load_list, need
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.data.boxes import box_text
 from tinygptv.data.datasets.text import REFER_POOL, blip_caption
@@ -43,16 +43,17 @@ class Region(NamedTuple):
     position: int  # index in that record's `regions`
 
 
-def load_images(path: Path, data_dir: PathLike) -> dict[int, VGImage]:
+def load_images(path: Path, data_dir: PathLike, bad: BadRecords) -> dict[int, VGImage]:
     images = {}
     for i, rec in enumerate(load_list(path)):
-        where = f"{path.name}:{i}"
-        image_id = need(rec, "id" if "id" in expect(rec, dict, where) else "image_id", int, where)
-        width, height = need(rec, "width", int, where), need(rec, "height", int, where)
-        if width <= 0 or height <= 0:
-            raise DatasetError(f"{where}: size {width}x{height} is not positive")
-        url = need(rec, "url", str, where)
-        images[image_id] = VGImage(os.path.join(data_dir, *url.split("/")[-2:]), width, height)
+        with bad.record():
+            where = f"{path.name}:{i}"
+            image_id = need(rec, "id" if "id" in expect(rec, dict, where) else "image_id", int, where)
+            width, height = need(rec, "width", int, where), need(rec, "height", int, where)
+            if width <= 0 or height <= 0:
+                raise DatasetError(f"{where}: size {width}x{height} is not positive")
+            url = need(rec, "url", str, where)
+            images[image_id] = VGImage(os.path.join(data_dir, *url.split("/")[-2:]), width, height)
     return images
 
 
@@ -63,26 +64,31 @@ class ReferVisualGenome(RecordDataset[Region]):
     def __init__(self, data_dir: PathLike, *, ann_path: PathLike | None = None, image_data_path: PathLike | None = None,
                  seed: int = 0, check_images: bool = True):
         path = Path(ann_path) if ann_path is not None else Path(data_dir) / "region_descriptions.json"
-        by_id = load_images(Path(image_data_path) if image_data_path else Path(data_dir) / "image_data.json", data_dir)
+        bad = BadRecords()
+        by_id = load_images(Path(image_data_path) if image_data_path else Path(data_dir) / "image_data.json", data_dir,
+                            bad)
         self.file_name = path.name
         self.images: list[VGImage] = []
         slot: dict[int, int] = {}
         records = []
         for i, rec in enumerate(load_list(path)):
-            where = f"{path.name}:{i}"
-            image_id = need(rec, "id", int, where)
-            if image_id not in by_id:
-                raise DatasetError(f"{where}: field 'id' {image_id} is not an image of image_data.json")
-            for k, region in enumerate(need(rec, "regions", list, where)):
-                rwhere = f"{where}[{k}]"
-                x, y, w, h = (need(region, key, (int, float), rwhere) for key in ("x", "y", "width", "height"))
-                phrase = need(region, "phrase", str, rwhere)
-                if w * h < MAX_REGION_AREA:
-                    if image_id not in slot:
-                        slot[image_id] = len(self.images)
-                        self.images.append(by_id[image_id])
-                    records.append(Region(slot[image_id], phrase, x, y, w, h, i, k))
-        super().__init__(records, origin=str(path), seed=seed, check_images=check_images)
+            with bad.record():
+                where = f"{path.name}:{i}"
+                image_id = need(rec, "id", int, where)
+                if image_id not in by_id:
+                    raise DatasetError(f"{where}: field 'id' {image_id} is not an image of image_data.json")
+                for k, region in enumerate(need(rec, "regions", list, where)):
+                    with bad.record():
+                        rwhere = f"{where}[{k}]"
+                        x, y, w, h = (need(region, key, (int, float), rwhere)
+                                      for key in ("x", "y", "width", "height"))
+                        phrase = need(region, "phrase", str, rwhere)
+                        if w * h < MAX_REGION_AREA:
+                            if image_id not in slot:
+                                slot[image_id] = len(self.images)
+                                self.images.append(by_id[image_id])
+                            records.append(Region(slot[image_id], phrase, x, y, w, h, i, k))
+        super().__init__(records, origin=str(path), seed=seed, check_images=check_images, bad_records=bad)
 
     def make(self, record: Region, rng: random.Random) -> Sample:
         image = self.images[record.image]

@@ -8,8 +8,8 @@ import random
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from tinygptv.data.datasets.base import (DATASETS, PathLike, RecordDataset, as_paths, expect, load_json, load_list,
-                                         need)
+from tinygptv.data.datasets.base import (DATASETS, BadRecords, PathLike, RecordDataset, as_paths, expect, load_json,
+                                         load_list, need)
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.data.datasets.text import VQA_POOL, blip_caption
 
@@ -58,22 +58,23 @@ class _DropsMissingImages(_VQA):
     def __init__(self, ann_path: PathLike | Sequence[PathLike], image_root: PathLike, *, seed: int = 0,
                  check_images: bool = True):
         paths = as_paths(ann_path)
-        records, self.missing_images = [], 0
+        records, bad, self.missing_images = [], BadRecords(), 0
         for path in paths:
             for i, rec in enumerate(load_list(path)):
-                where = f"{path.name}:{i}"
-                image = os.path.join(image_root, need(rec, "image", str, where).split("/")[-1])
-                question = need(rec, "question", str, where)
-                answers = _answers(rec, self.ANSWER_KEY, where)
-                if os.path.isfile(image):
-                    records.append(Question(image, question, answers, where))
-                else:
-                    self.missing_images += 1
+                with bad.record():
+                    where = f"{path.name}:{i}"
+                    image = os.path.join(image_root, need(rec, "image", str, where).split("/")[-1])
+                    question = need(rec, "question", str, where)
+                    answers = _answers(rec, self.ANSWER_KEY, where)
+                    if os.path.isfile(image):
+                        records.append(Question(image, question, answers, where))
+                    else:
+                        self.missing_images += 1
         origin = ", ".join(str(p) for p in paths)
         if not records and self.missing_images:
             raise DatasetError(f"{origin}: no usable records ({self.missing_images} dropped because their image is "
                                f"not in {image_root})")
-        super().__init__(records, origin=origin, seed=seed, check_images=check_images)
+        super().__init__(records, origin=origin, seed=seed, check_images=check_images, bad_records=bad)
 
 
 @DATASETS.register("coco_vqa")
@@ -99,13 +100,14 @@ class GQA(_VQA):
 
     def __init__(self, ann_path: PathLike, image_root: PathLike, *, seed: int = 0, check_images: bool = True):
         path = Path(ann_path)
-        records = []
+        records, bad = [], BadRecords()
         for i, rec in enumerate(load_list(path)):
-            where = f"{path.name}:{i}"
-            image = os.path.join(image_root, need(rec, "image", str, where))
-            records.append(Question(image, need(rec, "question", str, where), (need(rec, "answer", str, where),),
-                                    where))
-        super().__init__(records, origin=str(path), seed=seed, check_images=check_images)
+            with bad.record():
+                where = f"{path.name}:{i}"
+                image = os.path.join(image_root, need(rec, "image", str, where))
+                records.append(Question(image, need(rec, "question", str, where), (need(rec, "answer", str, where),),
+                                        where))
+        super().__init__(records, origin=str(path), seed=seed, check_images=check_images, bad_records=bad)
 
 
 @DATASETS.register("ocrvqa")
@@ -121,18 +123,19 @@ class OCRVQA(_VQA):
                  check_images: bool = True):
         path = Path(ann_path)
         data = expect(load_json(path), dict, f"{path.name}: top level")
-        records = []
+        records, bad = [], BadRecords()
         for key, rec in data.items():
-            where = f"{path.name}:{key}"
-            if need(rec, "split", int, where) != split:
-                continue
-            ext = os.path.splitext(need(rec, "imageURL", str, where))[1]
-            questions, answers = need(rec, "questions", list, where), need(rec, "answers", list, where)
-            if len(questions) != len(answers):
-                raise DatasetError(f"{where}: fields 'questions' and 'answers' differ in length "
-                                   f"({len(questions)} vs {len(answers)})")
-            for j, (q, a) in enumerate(zip(questions, answers)):
-                records.append(Question(os.path.join(image_root, f"{key}{ext}"),
-                                        expect(q, str, f"{where}: field 'questions'[{j}]"),
-                                        (expect(a, str, f"{where}: field 'answers'[{j}]"),), f"{where}[{j}]"))
-        super().__init__(records, origin=str(path), seed=seed, check_images=check_images)
+            with bad.record():
+                where = f"{path.name}:{key}"
+                if need(rec, "split", int, where) != split:
+                    continue
+                ext = os.path.splitext(need(rec, "imageURL", str, where))[1]
+                questions, answers = need(rec, "questions", list, where), need(rec, "answers", list, where)
+                if len(questions) != len(answers):
+                    raise DatasetError(f"{where}: fields 'questions' and 'answers' differ in length "
+                                       f"({len(questions)} vs {len(answers)})")
+                for j, (q, a) in enumerate(zip(questions, answers)):
+                    records.append(Question(os.path.join(image_root, f"{key}{ext}"),
+                                            expect(q, str, f"{where}: field 'questions'[{j}]"),
+                                            (expect(a, str, f"{where}: field 'answers'[{j}]"),), f"{where}[{j}]"))
+        super().__init__(records, origin=str(path), seed=seed, check_images=check_images, bad_records=bad)

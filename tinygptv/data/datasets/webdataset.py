@@ -1,12 +1,12 @@
 # Reader for the stage-1/2 caption data (`laion`, `cc_sbu`): webdataset tar shards, streamed with `tarfile`.
-# Data path: {00000..05244}.tar shards -> [this reader] -> Sample (PIL image, caption) -> batch builder -> model.
+# Data path: {00000..05244}.tar shards -> [this reader] -> Sample (image bytes, caption) -> batch builder -> model.
 """Reader for the stage-1/2 pretraining data (`laion`, `cc_sbu`): webdataset tar shards read with `tarfile`.
 
 A shard holds samples as consecutive members sharing a key, e.g. `000123.jpg` + `000123.json` (+ `000123.txt`,
 ignored); the key is the member name up to the first dot of its base name, as in webdataset. Each sample becomes
 a caption-only `Sample`: no instruction, answer = blip_caption(json["caption"]) (the stage-1/2 configs set the
-`blip_caption` text processor). `Sample.image` is a `PIL.Image.Image` opened lazily on the member's bytes (the tar
-member has no path of its own); the batch builder decodes it.
+`blip_caption` text processor). `Sample.image` is an `EncodedImage`: the member's bytes, named `shard:key.ext` (the
+tar member has no path of its own); the batch builder decodes it with open_image, like every other image.
 
 This is an iterable, not a map-style dataset, because shards are read front to back. Shards are given as a list
 or a brace pattern (`/data/laion/{00000..05244}.tar`, expanded here). Per epoch (`set_epoch`), the shard order and
@@ -15,13 +15,12 @@ reproducible. With several DataLoader workers (and `rank`/`world_size` under DDP
 of shards. `resample=True` reproduces the official `ResampledShards`: an endless stream of shards drawn with
 replacement.
 
-Incomplete samples (no image, no json, no caption, undecodable image header) raise a DatasetError naming
-shard:key; with `strict=False` they are skipped and counted in `skipped` (the official pipeline's
-`warn_and_continue`; the count is per process).
+Incomplete samples (no image, no json, no caption) raise a DatasetError naming shard:key; with `strict=False` they
+are skipped and counted in `skipped` (the official pipeline's `warn_and_continue`; the count is per process). An
+undecodable image fails where it is decoded, in the batch builder, named the same way.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -30,9 +29,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from PIL import Image, UnidentifiedImageError
-
 from tinygptv.data.datasets.base import DATASETS, PathLike, need
+from tinygptv.data.image_file import EncodedImage
 from tinygptv.data.datasets.sample import DatasetError, Sample
 from tinygptv.data.datasets.text import blip_caption
 
@@ -156,14 +154,11 @@ class CaptionShards:
             return self._bad(f"{where}: no .json member")
         try:
             caption = need(json.loads(files["json"]), "caption", str, f"{where}.json")
-            image = Image.open(io.BytesIO(files[ext]))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             return self._bad(f"{where}.json: not valid JSON ({e})")
         except DatasetError as e:
             return self._bad(str(e))
-        except (UnidentifiedImageError, OSError) as e:
-            return self._bad(f"{where}.{ext}: not an image ({e})")
-        return Sample(image, [(None, blip_caption(caption))], None, where)
+        return Sample(EncodedImage(f"{where}.{ext}", files[ext]), [(None, blip_caption(caption))], None, where)
 
     def _bad(self, message: str) -> None:
         if self.strict:
