@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Mapping
@@ -94,6 +95,18 @@ def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = N
     load_into(model, state, str(directory))
     model.freeze_as_official()
     return model.eval()
+
+
+def read_pth(path: Path, what: str):
+    """A .pth / pickle file read with weights_only=True (a file that would run code is refused, not run); any failure
+    is one line naming the file, not torch's page-long explanation."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own text ends by suggesting weights_only=False: not advice to pass on
+        raise CheckpointError(f"{what} {path}: holds Python objects other than tensors and weights, which are never "
+                              "loaded (unpickling them could run code); it is not a file this command reads") from None
+    except Exception as e:  # EOFError, RuntimeError, zipfile errors: a damaged or truncated file
+        raise CheckpointError(f"{what} {path}: damaged or not a PyTorch file ({type(e).__name__})") from None
 
 
 def load_tokenizer(directory: Path):

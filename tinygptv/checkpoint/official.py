@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from tinygptv.atomic import check_output_dir, writing_dir
-from tinygptv.checkpoint.native import CONFIG_NAME, CheckpointError, is_model_entry, load_into, write_model_files
+from tinygptv.checkpoint.native import (
+    CONFIG_NAME, CheckpointError, is_model_entry, load_into, read_pth, write_model_files,
+)
 from tinygptv.checkpoint.phi2 import (
     FileReport,
     Phi2Checkpoint,
@@ -160,10 +162,7 @@ def load_pth(path, role: str) -> LoadedFile:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{role} file {path}: not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # refused by weights_only (a pickled class) or corrupt
-        raise CheckpointError(f"{role} file {path}: cannot be read with weights_only=True ({e})") from None
+    obj = read_pth(path, f"{role} file")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{role} file {path}: expected a dict, got {type(obj).__name__}")
     if isinstance(obj.get("model"), dict):

@@ -40,7 +40,8 @@ def cmd_quantize(args) -> int:
     import torch  # the command's imports wait for the command: `tinygptv --help` stays instant
 
     from tinygptv.checkpoint.loading import load_model, pick_device
-    from tinygptv.checkpoint.native import save_pretrained
+    from tinygptv.atomic import check_output_dir
+    from tinygptv.checkpoint.native import is_model_entry, save_pretrained
     from tinygptv.data.templates import inference_template
     from tinygptv.quant.apply import quantize_model
     from tinygptv.quant.quality import answer_logits, compare, prompt_set
@@ -50,6 +51,8 @@ def cmd_quantize(args) -> int:
                          f"load the unquantized model with --quant {args.quant} (add --report-only to score it)")
     if args.out is None and not args.report_only:
         raise ValueError("--out is required (or pass --report-only)")
+    if not args.report_only:  # before minutes of loading, quantizing and scoring, not after
+        check_output_dir(args.out, is_model_entry, overwrite=args.overwrite, what="model folder")
     device = pick_device(args.device, args.quant)
     model = load_model(args.model, dtype=torch.bfloat16 if args.load_dtype == "bf16" else None)
     if model.config.quant != "none":

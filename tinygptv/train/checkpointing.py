@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tinygptv.atomic import clean_stale_in, writing_dir
-from tinygptv.checkpoint.native import load_state, save_pretrained
+from tinygptv.checkpoint.native import load_state, read_pth, save_pretrained
 
 PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.pt"
@@ -73,7 +73,7 @@ def load_trainer_state(checkpoint: Path) -> dict:
     path = checkpoint / STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint}: no {STATE_NAME}; not a training checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_pth(path, "training state")
 
 
 def rng_state() -> dict:
