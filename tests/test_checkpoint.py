@@ -212,6 +212,6 @@ def test_export_overlay_keeps_only_what_differs_from_the_base(tmp_path):
 def test_missing_bundled_model_says_how_to_get_it(monkeypatch, tmp_path):
     import tinygptv.checkpoint.loading as loading
 
-    monkeypatch.setitem(loading.BUNDLED, "tinygptv-nano", tmp_path / "absent")
+    monkeypatch.setitem(loading.BUNDLED, "tinygptv-nano", loading.Bundled(tmp_path / "absent", "a note"))
     with pytest.raises(FileNotFoundError, match="make nano-model"):
         loading.load_model("tinygptv-nano")

@@ -336,3 +336,17 @@ def test_every_benchmark_runs_with_the_bundled_nano_model(benchmark, nano, tmp_p
     assert summary["n"] == len(preds) == 2
     assert preds[0]["prompt"].startswith("<|im_start|>user\n<Img><ImageHere></Img> ")
     assert set(summary["scores"]) >= {"strict", "tinygptv-compatible"}
+
+
+def test_easyvqa_scores_each_kind_of_answer():
+    """The breakdown the README quotes comes from the summary itself: one yes/no, one colour and one shape question,
+    the colour one answered wrong."""
+    bench = BENCHMARKS["easyvqa"]
+    items = bench.read(None, need_images=False).items
+    chosen = [next(it for it in items if it.group == kind) for kind in ("yes/no", "colour", "shape")]
+    preds = [{"id": it.id, "answer": it.target} for it in chosen]
+    preds[1]["answer"] = "purple" if chosen[1].target != "purple" else "teal"
+    scores = [bench.score_item(it, p) for it, p in zip(chosen, preds)]
+    summary = bench.summarize(chosen, preds, scores)["strict"]
+    assert (summary["yes/no"], summary["colour"], summary["shape"]) == (100.0, 0.0, 100.0)
+    assert abs(summary["accuracy"] - 200 / 3) < 1e-9

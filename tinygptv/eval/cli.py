@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tinygptv.checkpoint.release import MODEL_NAMES_HELP
-from tinygptv.cli_options import add_precision_args, load_for_args
+from tinygptv.cli_options import add_precision_args, examples, load_for_args
 from tinygptv.config import DEFAULT_MODEL
 from tinygptv.data.templates import TEMPLATES
 from tinygptv.eval import BENCHMARKS, COMPATIBLE, STRICT
@@ -25,8 +25,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                     "in {out}/{benchmark}.predictions.jsonl (a rerun into the same --out resumes), and report two "
                     "scores: strict (official VQA normalisation, exact match) and tinygptv-compatible (what the "
                     "official TinyGPT-V script computes). `tinygptv eval score ...` re-scores a predictions file "
-                    "without a model. docs/eval.md: where to get each benchmark and what the scores mean.")
-    p.add_argument("--benchmark", choices=names, help="which benchmark (required)")
+                    "without a model. docs/eval.md: where to get each benchmark and what the scores mean.",
+        usage="tinygptv eval --benchmark NAME --out DIR [--data DIR] [options]\n"
+              "       tinygptv eval score --benchmark NAME --predictions FILE [--data DIR]",
+        **examples("tinygptv eval --benchmark easyvqa --limit 200 --out runs/eval/nano",
+                   "tinygptv eval --benchmark gqa --data data/gqa --model tinygptv-stage4 --out runs/eval/stage4",
+                   "tinygptv eval score --benchmark easyvqa --predictions runs/eval/nano/easyvqa.predictions.jsonl"))
+    p.add_argument("--benchmark", choices=names, metavar="NAME",
+                   help=f"which benchmark (required): {', '.join(names)}")
     p.add_argument("--data", type=Path, help="folder with the benchmark's files as published (not for easyvqa)")
     p.add_argument("--images", type=Path, help="image folder, when the images are not where the layout puts them")
     p.add_argument("--split", help="sub-split: refcoco/refcoco+ val|testA|testB, refcocog val|test, "
@@ -60,7 +66,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary JSON instead of the table")
     p.set_defaults(func=cmd_eval)
 
-    sub = p.add_subparsers(dest="eval_command", metavar="{score}")
+    sub = p.add_subparsers(dest="eval_command", title="re-scoring without a model", metavar="score")
     s = sub.add_parser(
         "score", help="score an existing predictions file (no model needed)",
         description="Score a predictions JSONL against a benchmark's files: ours, or another system's (one JSON "

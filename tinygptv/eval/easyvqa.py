@@ -10,12 +10,14 @@ Scores, per question:
 - strict: normalised exact match with the answer;
 - tinygptv-compatible: the answer is a substring of the lower-cased prediction, the rule TinyGPT-V's script applies to
   the other one-answer set, GQA (so "no" inside "not" or "know" counts).
+Both are also given per kind of answer (yes/no, colour, shape), where a model's weaknesses show.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from tinygptv.eval.base import BENCHMARKS, Benchmark, Item, ItemScore, Loaded, raw_text
+from tinygptv.data.datasets.easyvqa import ANSWER_KINDS
+from tinygptv.eval.base import BENCHMARKS, COMPATIBLE, STRICT, Benchmark, Item, ItemScore, Loaded, percent, raw_text
 from tinygptv.eval.prompts import prompt_for
 from tinygptv.eval.vqa_normalize import normalize_answer
 
@@ -44,6 +46,7 @@ class EasyVQA(Benchmark):
                 image=paths.get(image_id, ""),
                 instruction=prompt_for(self.name, question=question),
                 target=answer,
+                group=answer_kind(answer),
             ))
         package = Path(easy_vqa.__file__).parent / "data"
         return Loaded(items, [package / "test" / "questions.json", package / "answers.txt"], "test",
@@ -54,6 +57,21 @@ class EasyVQA(Benchmark):
         strict = float(normalize_answer(answer) == normalize_answer(item.target))
         compatible = float(item.target in raw_text(pred, answer).lower())
         return ItemScore(strict, compatible)
+
+
+    def summarize(self, items, preds, scores) -> dict:
+        out = super().summarize(items, preds, scores)
+        for kind in ANSWER_KINDS:
+            chosen = [s for it, s in zip(items, scores) if answer_kind(it.target) == kind]
+            if chosen:
+                out[STRICT][kind] = percent(s.strict for s in chosen)
+                out[COMPATIBLE][kind] = percent(s.compatible for s in chosen)
+        return out
+
+
+def answer_kind(answer: str) -> str:
+    """yes/no, colour or shape: the three kinds of easy-VQA's 13 answers."""
+    return next((kind for kind, answers in ANSWER_KINDS.items() if answer in answers), "other")
 
 
 BENCHMARKS.register("easyvqa", EasyVQA())

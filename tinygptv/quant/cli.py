@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from tinygptv.cli_options import examples
 from tinygptv.quant.modes import BNB_MODES, QUANT_MODES
 
 
@@ -17,7 +18,9 @@ def add_quantize_parser(sub):
                     "and save a self-contained copy that `ask`, `chat`, `serve`, `demo`, `eval` and `bench` load "
                     "as it is. Before saving it scores the copy against the original on a fixed prompt set "
                     "(held-out synthetic scenes and text-only turns): top-1 agreement of the next token and mean "
-                    "KL divergence of the next-token distributions over every answer position.")
+                    "KL divergence of the next-token distributions over every answer position.",
+        **examples("tinygptv quantize tinygptv-nano --quant int8 --report-only",
+                   "tinygptv quantize tinygptv-stage3 --quant int4 --out models/tinygptv-stage3-int4"))
     p.add_argument("model", help="a model folder, Hub id, tinygptv-stage1..4 (after `tinygptv fetch --stage N`) or "
                                  "preset:NAME (random weights)")
     p.add_argument("--quant", required=True, choices=[m for m in QUANT_MODES if m != "none"])

@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from tinygptv.cli_options import add_input_limit_args, add_model_args, generation_settings, input_limits, load_for_args
+from tinygptv.cli_options import (
+    add_input_limit_args, add_model_args, examples, generation_settings, input_limits, load_for_args,
+)
 from tinygptv.data.templates import inference_template
 
 API_KEY_ENV = "TINYGPTV_API_KEY"
@@ -26,7 +28,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                     "defaults for requests that leave them out (temperature 0 or unset: greedy). Every request is "
                     "bounded: body size, prompt tokens, image pixels, max_tokens and generation time, each a flag "
                     "below; a client that disconnects stops its generation. docs/serve.md has curl and Python "
-                    "examples and the limits.")
+                    "examples and the limits.",
+        **examples("tinygptv serve                      # the bundled model on http://127.0.0.1:8000/v1",
+                   "tinygptv serve --model tinygptv-stage3 --quant int8 --api-key secret --port 8080"))
     add_model_args(p)
     add_input_limit_args(p)
     p.add_argument("--host", default="127.0.0.1",

@@ -17,6 +17,7 @@ from tinygptv.serve.chat import ChatSession
 from tinygptv.serve.draw import draw_on
 
 NO_TASK = "none"
+BOX_TASKS = ("refer", "grounding", "detection")  # the task tags whose answers carry boxes
 
 
 class DemoBackend:
@@ -92,7 +93,12 @@ class DemoBackend:
         boxed, drawn = draw_on(shown, answer) if shown is not None else (None, 0)
         took = time.perf_counter() - started
         status = f"Turn {len(history) // 2} answered in {took:.1f} s"
-        status += f"; {drawn} box{'es' if drawn != 1 else ''} drawn." if drawn else "."
+        if drawn:
+            status += f"; {drawn} box{'es' if drawn != 1 else ''} drawn."
+        elif task in BOX_TASKS:
+            status += f"; the answer has no box to draw ({{<x1><y1><x2><y2>}} on a 0-100 grid is what [{task}] asks for)."
+        else:
+            status += "."
         yield history, "", boxed if drawn else None, status, session
 
     def _ask(self, session: ChatSession, question: str, task: str | None):
@@ -126,18 +132,21 @@ def _shown(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-def build_demo(model: TinyGPTV, name: str, *, template: str | None = None, task: str | None = None,
+def build_demo(model: TinyGPTV, name: str, *, note: str | None = None, template: str | None = None,
+               task: str | None = None,
                max_new_tokens: int = 300, temperature: float = 0.0, top_p: float = 0.9, num_beams: int = 1,
                repetition_penalty: float = 1.0, max_prompt_tokens: int | None = None,
                max_image_pixels: int = DEFAULT_MAX_PIXELS) -> gr.Blocks:
-    """The page, with one queue that runs one event at a time. Keyword arguments are the controls' starting values
-    and the input limits. Every element the browser test touches has a stable elem_id."""
+    """The page, with one queue that runs one event at a time. `note` (what the model is for) is shown under the
+    title; the other keyword arguments are the controls' starting values and the input limits. Every element the
+    browser test touches has a stable elem_id."""
     backend = DemoBackend(model, template=template, repetition_penalty=repetition_penalty,
                           max_prompt_tokens=max_prompt_tokens, max_image_pixels=max_image_pixels)
     vision, llm = model.config.vision.name, model.config.llm.name
     with gr.Blocks(title=f"TinyGPT-V demo: {name}", analytics_enabled=False) as demo:
         gr.Markdown(f"## TinyGPT-V demo\nModel: **`{name}`** ({vision} vision tower, {llm} language model). "
-                    "Upload an image, pick a task if you like, and ask.", elem_id="model-name")
+                    "Upload an image, pick a task if you like, and ask." + (f"\n\n*{note}*" if note else ""),
+                    elem_id="model-name")
         session = gr.State(None)
         with gr.Row():
             with gr.Column(scale=2):
