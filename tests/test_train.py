@@ -17,6 +17,7 @@ import torch
 from tinygptv.config import preset
 from tinygptv.data.datasets.sample import DatasetError
 from tinygptv.model.tinygptv import TinyGPTV
+from tinygptv.cli import main
 from tinygptv.train.checkpointing import list_checkpoints
 from tinygptv.train.loop import Trainer
 from tinygptv.train.plan import plan_memory
@@ -47,6 +48,22 @@ def test_tiny_recipe_trains_and_the_loss_drops(tmp_path):
     # the final folder holds only what trained and names its base relative to itself
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["base_model"] == "../base"
+
+
+def test_the_cli_says_where_a_run_stopped_and_never_redoes_a_finished_one(tmp_path, capsys):
+    """--max-steps says it stopped and how to go on; running a finished run again leaves its final model alone."""
+    data = ROOT / "examples" / "tiny-data" / "train.json"
+    args = ["train", str(TINY), f"output_dir={tmp_path / 'run'}", f"datasets.0.args.ann_path={data}",
+            "tensorboard=false", "schedule.iters_per_epoch=4", "schedule.max_epoch=1", "save_every=2"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    assert "stopped at step 2 of 4 (--max-steps); the same command continues" in capsys.readouterr().err
+    assert main(args) == 0
+    final = tmp_path / "run" / "final" / "model.safetensors"
+    written = final.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "this run already finished (step 4 of 4)" in capsys.readouterr().err
+    assert final.stat().st_mtime_ns == written
 
 
 def test_resume_after_a_kill_continues_the_same_run(tmp_path):

@@ -143,7 +143,13 @@ def cmd_train(args) -> int:
 
     check_run_dir(recipe.output_dir, overwrite=args.overwrite)  # before the model loads: nothing written yet
     trainer = Trainer(recipe, resume=None if args.resume == "none" else args.resume)
-    trainer.train(max_steps=args.max_steps)
+    try:
+        trainer.train(max_steps=args.max_steps)
+    except KeyboardInterrupt:
+        print(f"\ntinygptv train: interrupted at step {trainer.step}; the same command resumes from the last "
+              f"checkpoint in {recipe.output_dir} (every {recipe.save_every or recipe.schedule.iters_per_epoch} "
+              "steps)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -177,6 +177,11 @@ class Trainer:
         r = self.recipe
         total = r.total_steps
         stop = total if max_steps is None else min(total, self.step + max_steps)
+        final = self.run_dir / "final"
+        if self.step >= total and (final / "config.json").is_file():
+            self._say(f"this run already finished (step {self.step} of {total}); its model is {final}. Nothing to "
+                      f"do: choose another output_dir, or train on with a larger schedule.")
+            return {"step": self.step, "losses": [], "skipped": dict(self.stream.state.skipped)}
         self._set_modes()
         bar = tqdm(total=total, initial=self.step, disable=not self.dist.is_main, desc="train", unit="step",
                    dynamic_ncols=True)
@@ -219,11 +224,18 @@ class Trainer:
                 self.save()
         bar.close()
         skipped = dict(self.stream.state.skipped)
-        if self.dist.is_main and skipped:
-            print(f"skipped bad records: {skipped}", file=sys.stderr)
+        if skipped:
+            self._say(f"skipped bad records: {skipped}")
         if self.step >= total:
             self.save_final()
+        else:
+            self._say(f"stopped at step {self.step} of {total} (--max-steps); the same command continues from "
+                      f"the last checkpoint in {self.run_dir}")
         return {"step": self.step, "losses": losses, "skipped": skipped}
+
+    def _say(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, file=sys.stderr, flush=True)
 
     def _log(self, loss: float, lr: float, rate: float) -> None:
         if not self.dist.is_main or self.step % max(1, self.recipe.log_every) and self.step != 1:
