@@ -12,10 +12,11 @@ import torch
 import eval_fixtures as fx
 from conftest import tiny_model
 from tinygptv.eval import BENCHMARKS
+from tinygptv.eval.base import Item
 from tinygptv.eval.hm import auroc
 from tinygptv.eval.refcoco import iou, official_iou, parse_box
 from tinygptv.eval.scoring import load_predictions, score_file
-from tinygptv.eval.vqa_normalize import normalize_answer, official_vqa_accuracy, vqa_accuracy
+from tinygptv.eval.vqa_normalize import normalize_answer, official_vqa_accuracy, tinygptv_vqa_accuracy, vqa_accuracy
 from tinygptv.eval.cli import add_eval_parser
 from tinygptv.eval.prompts import PROMPTS
 from tinygptv.eval.runner import (
@@ -350,3 +351,21 @@ def test_easyvqa_scores_each_kind_of_answer():
     summary = bench.summarize(chosen, preds, scores)["strict"]
     assert (summary["yes/no"], summary["colour"], summary["shape"]) == (100.0, 0.0, 100.0)
     assert abs(summary["accuracy"] - 200 / 3) < 1e-9
+
+
+def test_okvqa_compatible_is_the_copy_tinygptv_imports_not_the_master():
+    """Hand-worked: MiniGPT-4's VQAEval copy normalises neither side when the ten answers agree and both otherwise,
+    comparing without case; the public master normalises the prediction always and the answers by punctuation only."""
+    assert tinygptv_vqa_accuracy("Yes.", ["yes"] * 10) == 0.0 and official_vqa_accuracy("Yes.", ["yes"] * 10) == 1.0
+    mixed = ["10"] * 3 + ["ten"] * 3 + ["9"] * 4
+    assert tinygptv_vqa_accuracy("ten", mixed) == 1.0 and abs(official_vqa_accuracy("ten", mixed) - 0.9) < 1e-12
+    assert tinygptv_vqa_accuracy("YES", ["yes"] * 10) == 1.0  # case never matters
+    item = Item(id="1", image="", instruction="", target=["yes"] * 10)
+    assert BENCHMARKS["okvqa"].score_item(item, {"id": "1", "answer": "Yes."}).compatible == 0.0
+
+
+def test_gqa_compatible_tests_the_text_as_generated():
+    bench = BENCHMARKS["gqa"]
+    item = Item(id="1", image="", instruction="", target="yes")
+    assert bench.score_item(item, {"id": "1", "raw": "ye<unk>s", "answer": "yes"}).compatible == 0.0
+    assert bench.score_item(item, {"id": "1", "raw": "Yes, it is.", "answer": "yes"}).compatible == 1.0

@@ -98,11 +98,14 @@ class Benchmark:
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
 
 
-def raw_text(pred: dict, answer: str) -> str:
-    """The whole generated text (official scripts that match substrings searched it uncut), "<unk>" removed; the
-    post-processed answer when the record has no raw output."""
+def raw_text(pred: dict, answer: str, drop_unk: bool = True) -> str:
+    """The whole generated text (official scripts that match substrings searched it uncut), "<unk>" removed where
+    the official script removed it (GQA's and VSR's did not); the post-processed answer when the record has no raw
+    output."""
     raw = pred.get("raw")
-    return raw.replace("<unk>", "").strip() if isinstance(raw, str) else answer
+    if not isinstance(raw, str):
+        return answer
+    return raw.replace("<unk>", "").strip() if drop_unk else raw
 
 
 def percent(values: Iterable[float]) -> float | None:

@@ -54,7 +54,7 @@ class GQA(Benchmark):
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)
         strict = float(normalize_answer(answer) == normalize_answer(item.target))
-        compatible = float(item.target in raw_text(pred, answer).lower())
+        compatible = float(item.target in raw_text(pred, answer, drop_unk=False).lower())
         return ItemScore(strict, compatible)
 
 

@@ -14,8 +14,9 @@ published names are absent. The official TinyGPT-V script asked only the questio
 Scores, per question:
 - strict: VQA accuracy (min(#matches / 3, 1) over the ten leave-one-out subsets) with the official normalisation
   applied to the prediction and to every answer;
-- tinygptv-compatible: the official VQA evaluation tool exactly (what TinyGPT-V's script ran): prediction fully
-  normalised, answers only punctuation-processed and only when they disagree.
+- tinygptv-compatible: what TinyGPT-V's script ran: its copy of the VQA evaluation tool (MiniGPT-4's), on the answer
+  lower-cased with "<unk>" removed: both sides fully normalised when the ten answers disagree, neither when they
+  agree, compared without case. (The VQA tool's public master differs: vqa_normalize.official_vqa_accuracy.)
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from tinygptv.eval.base import (
     read_json,
 )
 from tinygptv.eval.prompts import prompt_for
-from tinygptv.eval.vqa_normalize import official_vqa_accuracy, vqa_accuracy
+from tinygptv.eval.vqa_normalize import tinygptv_vqa_accuracy, vqa_accuracy
 
 QUESTIONS = ("OpenEnded_mscoco_val2014_questions.json", "OpenEnded_mscoco_val2014_questions_clean.json")
 ANNOTATIONS = ("mscoco_val2014_annotations.json", "mscoco_val2014_annotations_clean.json")
@@ -65,7 +66,7 @@ class OKVQA(Benchmark):
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)
-        return ItemScore(vqa_accuracy(answer, item.target), official_vqa_accuracy(answer.lower(), item.target))
+        return ItemScore(vqa_accuracy(answer, item.target), tinygptv_vqa_accuracy(answer.lower(), item.target))
 
 
 BENCHMARKS.register("okvqa", OKVQA())

@@ -13,8 +13,10 @@ are reproduced on purpose, because they change which strings compare equal:
 Where our `strict` score departs from the official tool it is in applying the same normalisation to both sides
 (`normalize_answer` on the prediction and on every ground-truth answer): the official tool normalises the prediction
 fully but the ground-truth answers only with `processPunctuation`, and only when they disagree, because the VQA
-annotations it was written for are already normalised. `official_vqa_accuracy` keeps that asymmetry for the
-OK-VQA `tinygptv-compatible` score, which is what TinyGPT-V's script computes.
+annotations it was written for are already normalised. `official_vqa_accuracy` keeps that asymmetry.
+
+TinyGPT-V's evaluation script does not import that master, but MiniGPT-4's copy of it, which differs again:
+`tinygptv_vqa_accuracy` is that copy, the OK-VQA `tinygptv-compatible` score.
 """
 from __future__ import annotations
 
@@ -120,6 +122,21 @@ def official_vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     if len(set(gts)) > 1:
         gts = [process_punctuation(a) for a in gts]
     return _leave_one_out(pred, gts)
+
+
+def tinygptv_vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """What the copy of VQAEval in MiniGPT-4 / TinyGPT-V (minigpt4/common/vqa_tools) computes for one question: when
+    the ten answers agree, neither side is normalised (only newlines, tabs and outer spaces go); otherwise both sides
+    are fully normalised (punctuation, digits, articles, contractions); the comparison ignores case. So "Yes." against
+    ten "yes" scores 0 (the master tool: 1), and "ten" against 3 "10", 3 "ten", 4 "9" scores 1 (the master: 0.9)."""
+    if not answers:
+        raise ValueError("VQA accuracy needs at least one ground-truth answer")
+    pred = prediction.replace("\n", " ").replace("\t", " ").strip()
+    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+    if len(set(gts)) > 1:
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        pred = process_digit_article(process_punctuation(pred))
+    return _leave_one_out(pred.lower(), [gt.lower() for gt in gts])
 
 
 def _leave_one_out(pred: str, gts: list[str]) -> float:

@@ -51,7 +51,7 @@ class VSR(Benchmark):
 
     def score_item(self, item: Item, pred: dict) -> ItemScore:
         answer = self.answer_of(pred)
-        text = raw_text(pred, answer).lower()
+        text = raw_text(pred, answer, drop_unk=False).lower()
         label, synonym = item.target, SYNONYM[item.target]
         strict = float(normalize_answer(answer) == label)
         compatible = float(label in text)
