@@ -138,9 +138,15 @@ def cmd_train(args) -> int:
         plan = plan_memory(recipe)
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan, args.card_gb))
         return 0
+    import torch
+
     from tinygptv.train.loop import Trainer
     from tinygptv.train.run_dir import check_run_dir
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     check_run_dir(recipe.output_dir, overwrite=args.overwrite)  # before the model loads: nothing written yet
     trainer = Trainer(recipe, resume=None if args.resume == "none" else args.resume)
     try:
@@ -264,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (default: the last checkpoint in output_dir, if any), a checkpoint folder, or 'none'")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps (default: run to "
                                                                "the recipe's end)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, one per core); on a machine other jobs "
+                        "share, 1 avoids threads stalling on each other")
     p.add_argument("--overwrite", action="store_true",
                    help="train into output_dir even if it holds files a run does not write (they are kept); a run "
                         "folder of ours needs no flag: the run resumes there")
