@@ -3,6 +3,7 @@
 # llm.bin in an engine folder (store.py). Only a cache miss runs this; loading a cached folder is openvino_llm.py.
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,14 +47,21 @@ class _ReadAsFloat32(nn.Module):
         return weight.float()
 
 
-def read_weights_as_float32(llm: nn.Module) -> None:
-    """Make every bf16 / fp16 parameter of `llm` read as fp32 (in place; the module is only traced afterwards).
-    Converting from a bf16 LLM halves the memory of a conversion (5.6 GB instead of 11 for Phi-2), and the int8 /
-    int4 codes made from bf16 weights are those of the fp32 weights up to bf16's rounding, far below theirs."""
-    for module in list(llm.modules()):  # a list: registering a parametrization adds modules
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_floating_point() and param.dtype != torch.float32:
-                parametrize.register_parametrization(module, name, _ReadAsFloat32(), unsafe=True)
+@contextmanager
+def weights_read_as_float32(llm: nn.Module):
+    """Within the block, every bf16 / fp16 parameter of `llm` reads as fp32 (the module is traced there); afterwards
+    they are plain parameters again. Converting from a bf16 LLM halves the memory of a conversion (5.6 GB instead of
+    11 for Phi-2), and the int8 / int4 codes made from bf16 weights are those of the fp32 weights up to bf16's
+    rounding, far below theirs."""
+    cast = [(module, name) for module in llm.modules() for name, param in module.named_parameters(recurse=False)
+            if param.is_floating_point() and param.dtype != torch.float32]
+    for module, name in cast:
+        parametrize.register_parametrization(module, name, _ReadAsFloat32(), unsafe=True)
+    try:
+        yield llm
+    finally:
+        for module, name in cast:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
 
 
 def convert_llm(llm: nn.Module):
@@ -61,11 +69,9 @@ def convert_llm(llm: nn.Module):
     [B, S] i64, logits_index [K] i64; output logits [B, K, V]; the K/V of every layer is a state variable (past.N.key
     -> present.N.key) that the engine appends to in place, so no cache crosses the Python boundary per token."""
     ov = import_openvino()
-    read_weights_as_float32(llm)
-    step = LLMStep(llm).eval()
-    with torch.no_grad():
-        model = ov.convert_model(step, example_input=example_inputs(llm))
-    num_layers = step.num_layers
+    with torch.no_grad(), weights_read_as_float32(llm):
+        model = ov.convert_model(LLMStep(llm).eval(), example_input=example_inputs(llm))
+    num_layers = llm.config.num_hidden_layers
     for port, name in zip(model.inputs, (*INPUT_NAMES, *kv_names("past", num_layers))):
         port.get_tensor().set_names({name})
     for port, name in zip(model.outputs, ("logits", *kv_names("present", num_layers))):

@@ -14,15 +14,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from tinygptv.engine.openvino_export import LLM_BIN, LLM_XML, import_openvino
 from tinygptv.engine.step import kv_shape
 
-# How the CPU plugin runs each mode, chosen by measurement (docs/quantization.md, "The OpenVINO engine"). fp32 is the
-# parity reference: fp32 arithmetic, fp32 K/V, no activation quantization. The compressed modes keep fp32 activations
-# and K/V too: OpenVINO's defaults on CPUs with bf16 (bf16 activations, u8 K/V, activations quantized in groups of 32)
-# were slower at decode on our machines and cost answer quality.
-RUNTIME_CONFIG = {
-    "none": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"},
-    "int8": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"},
-    "int4": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"},
-}
+# How the CPU plugin runs each mode. fp32 is the parity reference: fp32 arithmetic and K/V, no activation
+# quantization. The compressed modes take OpenVINO's own choices for the CPU it finds (on CPUs with bf16: bf16
+# activations, u8 K/V, activations quantized in groups of 32 inside the int4/int8 matmuls), which decoded fastest of
+# the settings benchmarks/engine_choice.py tries, at a cost in answers within PyTorch's own int8 (quantize's report on
+# TinyGPT-V-nano, docs/quantization.md).
+FP32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+RUNTIME_CONFIG = {"none": FP32, "int8": {}, "int4": {}}
 
 
 def compile_llm(folder: Path, mode: str, threads: int | None = None, overrides: dict | None = None):

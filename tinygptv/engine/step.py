@@ -81,8 +81,7 @@ def example_inputs(llm: nn.Module, *, batch: int = 2, past: int = 3, new: int = 
     """Inputs to trace LLMStep with. Lengths above one and a past that is not empty, so no size is taken as fixed."""
     config = llm.config
     heads, head_dim = kv_shape(config)
-    dtype = llm.get_input_embeddings().weight.dtype
-    embeds = torch.zeros(batch, new, config.hidden_size, dtype=torch.float32 if dtype.is_floating_point else dtype)
+    embeds = torch.zeros(batch, new, config.hidden_size)  # the engine computes in fp32, whatever the weights
     mask = torch.ones(batch, past + new, dtype=torch.long)
     positions = torch.arange(past, past + new).expand(batch, -1).contiguous()
     logits_index = torch.tensor([new - 1])
