@@ -91,7 +91,7 @@ def _read(name: str, dtype, quant: str, merge_lora: bool, quiet: bool, device: t
         return cast_weights(model, dtype) if dtype is not None else model
     # Quantizing from the stored precision (LoRA merged first, in fp32) gives the same weights as `tinygptv
     # quantize`; a machine too small for the stored model loads the folder that command saves instead.
-    model = load_pretrained(resolve_name(name), dtype=dtype)
+    model = load_pretrained(resolve_name(name), dtype=dtype, merge_lora=merge_lora)
     if quant != "none" and model.config.quant == "none":
         quantize_model(model, quant, device)
     elif quant not in ("none", model.config.quant):

@@ -17,6 +17,7 @@ from tinygptv.checkpoint.backbones import BACKBONES_BASE, backbone_state
 from tinygptv.checkpoint.hub import resolve_model_dir
 from tinygptv.config import TinyGPTVConfig
 from tinygptv.engine.store import ENGINE_DIR
+from tinygptv.model.lora import merge_lora_into_state
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.weights import align_lora_names, cast_weights, materialize_buffers
 from tinygptv.quant.apply import prepare_for_quantized_weights
@@ -76,21 +77,28 @@ def write_model_files(model: TinyGPTV, folder: Path, *, trainable_only: bool = F
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
-                    dtype: torch.dtype | None = None, llm: torch.nn.Module | None = None) -> TinyGPTV:
+                    dtype: torch.dtype | None = None, llm: torch.nn.Module | None = None,
+                    merge_lora: bool = False) -> TinyGPTV:
     """A folder of ours or a Hub id, ready for inference (eval mode, TinyGPT-V's trainable set marked). Built on the
     meta device and filled from the file, so loading never holds a second, randomly initialised copy of the weights.
     A copy saved by `tinygptv quantize` gets its quantized layers before its weights are loaded.
+
+    merge_lora: LoRA folded into the weights as they are read (the model is built without adapter modules; the same
+    weights as merging after loading).
 
     `llm` (an inference engine's LM, its tensors on the meta device, LoRA merged into it) takes the place of the
     config's LM before anything is read: only the tensors the model then has are read (the LM's embedding table, not
     its layers), so the engine's model never passes through memory in PyTorch form."""
     directory = resolve_model_dir(name_or_path, revision)
-    keep = None
-    if llm is not None:
-        llm_keys = {f"llm.{k}" for k in llm.state_dict()}
-        keep = lambda key: not key.startswith("llm.") or key in llm_keys  # noqa: E731
-    config, state = collect_state(directory, keep=keep)
-    if llm is not None:
+    llm_keys = {f"llm.{k}" for k in llm.state_dict()} if llm is not None else None
+
+    def keep(key: str) -> bool:
+        return not key.startswith("llm.") or key in llm_keys
+
+    config, state = collect_state(directory, keep=keep if llm is not None else None)
+    if merge_lora and llm is None and config.lora.r > 0:
+        state = merge_lora_into_state(state, config.lora)
+    if merge_lora or llm is not None:
         config.lora.r = 0
     with torch.device("meta"):
         model = TinyGPTV(config, load_tokenizer(directory))

@@ -3,6 +3,8 @@
 # --quant mode's dtypes. checkpoint.loading uses it by model name; `tinygptv quantize --backend` on a loaded model.
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
@@ -42,12 +44,25 @@ def engine_llm(folder: EngineFolder, llm_config: LLMConfig, embed_dtype: torch.d
     return load_openvino_llm(folder.path, transformers_config, folder.mode, embed_dtype or torch.float32, threads)
 
 
+class ShiftedNoise:
+    """RepeatedNoise (one block of N(0, 0.02) repeated, as the quantized presets are built: the same values every
+    run, so a cached conversion stays valid), started at an offset hashed from each tensor's name. Every weight then
+    differs from the others: OpenVINO stores identical constants once, and a preset whose layers all had the same
+    weights would shrink to a twentieth of its size, and read that much per token."""
+
+    def __init__(self):
+        self.repeated = RepeatedNoise()
+
+    def __call__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        flat = self.repeated(key, shape, dtype).view(-1)
+        return torch.roll(flat, zlib.crc32(key.encode()) % max(flat.numel(), 1)).view(shape)
+
+
 def random_llm(llm_config: LLMConfig, dtype: torch.dtype) -> nn.Module:
-    """A preset's LLM alone with random weights (one repeated block of noise, as the quantized presets are built:
-    the same values every run, so a cached conversion stays valid), materialised one module at a time."""
+    """A preset's LLM alone with random weights (ShiftedNoise), materialised one module at a time."""
     with torch.device("meta"):
         llm = build_llm(llm_config)
-    fill = RepeatedNoise()
+    fill = ShiftedNoise()
     for name in [n for n, _ in llm.named_modules() if n]:
         materialize_fresh(llm.get_submodule(name), f"llm.{name}.", dtype, fill)
     materialize_buffers(llm)

@@ -42,6 +42,7 @@ class EngineState:
         ov = import_openvino()
         self.request = compiled.create_infer_request()
         self.length = 0
+        self.batch = batch
         empty = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)  # [B, H_kv, 0, Dh]
         # A state the engine never wrote has no batch size (its dynamic sizes read as 0), so each starts as an empty
         # past of this batch.
@@ -70,11 +71,7 @@ class EngineState:
         ov = import_openvino()
         for variable in self.request.query_state():
             variable.state = ov.Tensor(np.ascontiguousarray(variable.state.data[order]))
-
-    @property
-    def batch(self) -> int:
-        states = self.request.query_state()
-        return states[0].state.shape[0] if states else 0
+        self.batch = order.shape[0]
 
 
 class EmbeddingTable(nn.Module):

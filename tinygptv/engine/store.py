@@ -99,7 +99,7 @@ def engine_folder(config: dict, backend: str, mode: str, model_dir: Path | None,
     """Inside the model folder when there is one, `beside` allows it and we may write there (its conversions then
     move and go with it), else in cache_dir()/engines (presets, the bundled model, Hub downloads, read-only
     folders). model_dir None: a preset, whose random weights are the same every run."""
-    weights = weight_fingerprint(model_dir) if model_dir is not None else [["preset", "repeated-noise"]]
+    weights = weight_fingerprint(model_dir) if model_dir is not None else [["preset", "shifted-repeated-noise"]]
     key = engine_key(config, backend, mode, weights)
     inside = beside and model_dir is not None and _writable(model_dir) and not _is_hub_snapshot(model_dir)
     root = model_dir / ENGINE_DIR if inside else cache_dir() / CACHE_SUBDIR
