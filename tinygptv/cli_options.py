@@ -10,6 +10,7 @@ from tinygptv.checkpoint.release import MODEL_NAMES_HELP
 from tinygptv.config import DEFAULT_MODEL
 from tinygptv.data.image_file import DEFAULT_MAX_PIXELS
 from tinygptv.data.templates import TASK_TAGS, TEMPLATES
+from tinygptv.engine.backends import BACKENDS, ENGINE_MODES, INSTALL, OPENVINO, TORCH, check_backend
 from tinygptv.model.generation import GenerationSettings
 from tinygptv.quant.modes import CPU_MODES, QUANT_MODES
 
@@ -44,6 +45,15 @@ def add_precision_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help=f"cpu, cuda or cuda:N; auto (default): the GPU when there is one and the --quant mode runs "
                         f"there ({' / '.join(CPU_MODES)} are CPU kernels), else the CPU")
+    add_backend_arg(p)
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default=TORCH,
+                   help=f"what runs the language model: torch (default, the reference) or openvino (CPU, "
+                        f"--quant {' / '.join(ENGINE_MODES[OPENVINO])}: converted once and kept beside the model; "
+                        f"needs {INSTALL[OPENVINO]}). Example: --backend openvino --quant int4 "
+                        "(docs/quantization.md)")
 
 
 def add_model_args(p: argparse.ArgumentParser, *, generation: bool = True) -> None:
@@ -106,5 +116,7 @@ def load_for_args(args, name: str | None = None, *, merge_lora: bool = True):
     """--model / --dtype / --quant / --device of any inference command to a ready model: the one place they are read."""
     from tinygptv.checkpoint.loading import DTYPES, load_model, pick_device  # torch: only when a model is loaded
 
+    backend = check_backend(args.backend, args.quant, args.device)  # an engine runs on the CPU: auto means cpu
+    device = pick_device(args.device, args.quant) if backend == TORCH else "cpu"
     return load_model(name or args.model or DEFAULT_MODEL, dtype=DTYPES[args.dtype], quant=args.quant,
-                      merge_lora=merge_lora, device=pick_device(args.device, args.quant))
+                      merge_lora=merge_lora, device=device, backend=backend)

@@ -10,10 +10,12 @@ from tinygptv.atomic import write_json_atomic
 from tinygptv.checkpoint.release import PRESET_PREFIX
 from tinygptv.cli_options import examples
 from tinygptv.config import PRESETS
+from tinygptv.engine.backends import BACKENDS, ENGINE_MODES, TORCH
 from tinygptv.quant.modes import QUANT_MODES, modes_for
 
 DEFAULT_PRESET = "tinygptv-stage3"
 DEFAULT_OUT = Path("runs") / "bench" / "bench-results.json"
+ENGINE_DEFAULT_MODES = ["int8", "int4"]  # an engine's fp32 mode is a parity check, and converting it needs 11 GB
 
 
 def quant_list(text: str) -> list[str]:
@@ -25,6 +27,16 @@ def quant_list(text: str) -> list[str]:
     if len(set(modes)) != len(modes):
         raise argparse.ArgumentTypeError(f"a quant mode is listed twice: {text}")
     return modes
+
+
+def backend_list(text: str) -> list[str]:
+    backends = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or [text]}; known: {','.join(BACKENDS)}")
+    if len(set(backends)) != len(backends):
+        raise argparse.ArgumentTypeError(f"a backend is listed twice: {text}")
+    return backends
 
 
 def _at_least(low: int):
@@ -59,6 +71,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma-separated precisions, from {', '.join(QUANT_MODES)} (none = fp32 as saved; "
                         "default: the modes for --device: PyTorch's int8 / int4 / int8-dynamic kernels on the CPU, "
                         "bitsandbytes on CUDA)")
+    p.add_argument("--backend", type=backend_list, default=[TORCH],
+                   help="comma-separated: what runs the LLM, torch (default) and/or openvino; each runs the --quant "
+                        f"modes it has (openvino: {', '.join(ENGINE_MODES['openvino'])}; without --quant, "
+                        f"{' and '.join(ENGINE_DEFAULT_MODES)}). Example: --quant int4,int8-dynamic "
+                        "--backend torch,openvino")
     p.add_argument("--image-size", type=_at_least(1), default=None,
                    help="image size in px (presets only; default: the model's)")
     p.add_argument("--image", help="encode this image file instead of random pixels (same speed, real input)")
@@ -94,9 +111,13 @@ def settings_from_args(args):
             raise ValueError("--device cuda, but torch sees no CUDA device")
     if args.bandwidth_gib <= 0:
         raise ValueError("--bandwidth-gib must be positive")
+    if args.device != "cpu" and args.backend != [TORCH]:
+        raise ValueError(f"--backend {','.join(args.backend)}: the engines run on the CPU; use --device cpu")
+
     return Settings(
         model=args.model or f"{PRESET_PREFIX}{args.preset or DEFAULT_PRESET}",  # presets: random weights, explicitly
-        quant=args.quant or list(modes_for(args.device)), image_size=args.image_size, image=args.image,
+        quant=args.quant or list(modes_for(args.device)), backend=args.backend,
+        engine_quant=None if args.quant else ENGINE_DEFAULT_MODES, image_size=args.image_size, image=args.image,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device,
         reference=args.reference, bandwidth_gib=args.bandwidth_gib, timeout_s=args.timeout,

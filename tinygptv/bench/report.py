@@ -107,6 +107,12 @@ def format_table(result: dict) -> str:
     for r in rows:
         if not r.get("ok"):
             lines.append(f"{r['mode']}: FAILED: {r['error']}")
+    for r in ok:
+        if r.get("first_load"):
+            first = r["first_load"]
+            what = "converting" if first["converted"] else "the conversion was already cached"
+            lines.append(f"{r['mode']}: first load {first['load_s']:.1f} s ({what}), peak RSS "
+                         f"{first['peak_rss_bytes'] / 1e9:.2f} GB; the row's load s and peak RSS are of a later load")
     lines += [
         "",
         "% of bound = decode tok/s x weight bytes per token / bandwidth; enc %GEMM = encode GFLOP/s / GEMM GFLOP/s "

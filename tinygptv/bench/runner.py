@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tinygptv.bench.worker import MARKER
+from tinygptv.engine.backends import ENGINE_MODES, TORCH
 
 STDERR_TAIL_LINES = 30
 
@@ -32,18 +33,39 @@ class Settings:
     reference: bool = True
     bandwidth_gib: float = 1.0
     timeout_s: float = 3600.0
+    backend: list[str] = field(default_factory=lambda: [TORCH])
+    engine_quant: list[str] | None = None  # the engines' modes when --quant was not given (else `quant`)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def row_label(backend: str, quant: str) -> str:
+    """A row's `mode`: the --quant mode for PyTorch (as before engines existed), backend:mode for an engine."""
+    return quant if backend == TORCH else f"{backend}:{quant}"
+
+
+def backend_modes(s: Settings, backend: str) -> list[str]:
+    """The --quant modes of the run that `backend` runs (an engine runs fewer than PyTorch)."""
+    if backend == TORCH:
+        return list(s.quant)
+    return [q for q in (s.engine_quant or s.quant) if q in ENGINE_MODES[backend]]
+
+
 def plan_jobs(s: Settings) -> list[dict]:
-    """Machine roofs first, then each precision, then the stock reference. Jobs run one at a time: two at once would
-    share the memory bus and the cores they are trying to measure."""
+    """Machine roofs first, then each precision of each backend, then the stock reference. An engine's mode is first
+    loaded once in a job of its own (`first-load`: the conversion when it is not cached yet), so its measured row
+    loads as every later run does, and the conversion's time and memory are reported beside it. Jobs run one at a
+    time: two at once would share the memory bus and the cores they are trying to measure."""
     common = dict(model=s.model, image_size=s.image_size, image=s.image, prompt_tokens=s.prompt_tokens,
                   new_tokens=s.new_tokens, warmup=s.warmup, repeats=s.repeats, threads=s.threads, device=s.device)
     jobs = [dict(kind="machine", mode="machine", device=s.device, threads=s.threads, bandwidth_gib=s.bandwidth_gib)]
-    jobs += [dict(common, kind="tinygptv", mode=q, quant=q) for q in s.quant]
+    for backend in s.backend:
+        for q in backend_modes(s, backend):
+            mode = row_label(backend, q)
+            if backend != TORCH:
+                jobs.append(dict(common, kind="first-load", mode=f"{mode} first load", quant=q, backend=backend))
+            jobs.append(dict(common, kind="tinygptv", mode=mode, quant=q, backend=backend))
     if s.reference:
         jobs.append(dict(common, kind="reference", mode="reference"))
     return jobs
@@ -119,12 +141,23 @@ def exit_reason(returncode: int) -> str:
 def run_jobs(jobs: list[dict], *, timeout_s: float, log, on_row=None) -> list[dict]:
     """on_row(rows so far) after each job, so results already measured survive a bench that is stopped."""
     rows = []
+    first_load = None
     for i, job in enumerate(jobs, 1):
         log(f"bench: [{i}/{len(jobs)}] {job['mode']}")
         row = run_worker(job, timeout_s=timeout_s)
         if not row.get("ok"):
             log(f"bench: {job['mode']} FAILED: {row['error']}")
+        if job["kind"] == "first-load":  # reported in the row of the mode it prepared, or as a failure of its own
+            first_load = row
+            if row.get("ok"):
+                continue
+        elif first_load is not None and row.get("ok"):
+            row["first_load"] = {k: first_load[k] for k in FIRST_LOAD_FIELDS}
+            first_load = None
         rows.append(row)
         if on_row is not None:
             on_row(rows)
     return rows
+
+
+FIRST_LOAD_FIELDS = ("converted", "load_s", "peak_rss_bytes")

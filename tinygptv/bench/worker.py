@@ -1,5 +1,5 @@
 # One bench job in its own process (`python -m tinygptv.bench.worker '<job JSON>'`), started by runner.py: the
-# machine roofs, one precision of the model, or the stock reference. Prints exactly one marked JSON line on stdout.
+# machine roofs, one precision of the model (or an engine's first load, which converts), or the stock reference. Prints exactly one marked JSON line on stdout.
 """Each job runs in a fresh process so that its peak RSS (ru_maxrss) is the peak of that precision alone, loading
 included, and so that a crash or an out-of-memory kill costs one row, not the whole bench. Progress and anything
 the libraries print go to stderr; stdout carries only the result line."""
@@ -34,6 +34,10 @@ def run_job(job: dict) -> dict:
         from tinygptv.bench.timing import memory_report
 
         return {**measure_machine(device, job["bandwidth_gib"], log), **memory_report(device)}
+    if kind == "first-load":
+        from tinygptv.bench.workload import first_load
+
+        return first_load(job, log)
     if kind == "tinygptv":
         from tinygptv.bench.workload import measure_tinygptv
 

@@ -1,5 +1,5 @@
-# What a bench worker measures on a TinyGPT-V model: load it at one precision, then time the data path as `ask`
-# runs it (encode_image -> build_inputs -> LLM prefill -> greedy decode), each part alone and end to end.
+# What a bench worker measures on a TinyGPT-V model: load it at one precision (and backend), then time the data path
+# as `ask` runs it (encode_image -> build_inputs -> LLM prefill -> greedy decode), each part alone and end to end.
 from __future__ import annotations
 
 import inspect
@@ -11,14 +11,17 @@ from tinygptv.bench.cost import encode_flops
 from tinygptv.bench.generation import fixed_length_kwargs, time_answers
 from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
 from tinygptv.checkpoint.hub import resolve_model_dir
-from tinygptv.checkpoint.loading import load_model, resolve_name
+from tinygptv.checkpoint.loading import engine_target, load_model, resolve_name
 from tinygptv.checkpoint.release import PRESET_PREFIX, requested_preset
 from tinygptv.config import PRESETS, TinyGPTVConfig, preset
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import IMAGE_PLACEHOLDER
+from tinygptv.engine.backends import TORCH
 from tinygptv.quant.apply import weight_bytes_per_token
 
-WEIGHT_BYTES_SOURCE = "tinygptv.quant.apply.weight_bytes_per_token"  # one definition for every row, the reference too
+# one definition for every row, the reference too (an engine adds the size of its weights file)
+WEIGHT_BYTES_SOURCE = "tinygptv.quant.apply.weight_bytes_per_token"
+ENGINE_WEIGHT_BYTES_SOURCE = WEIGHT_BYTES_SOURCE + " + the engine's weights file"
 
 # Text that a tokenizer splits into one token per repeat (BPE vocabularies: " the"; the byte-level one: "a"); the
 # first unit that gives exactly --prompt-tokens tokens is used.
@@ -58,7 +61,27 @@ def model_name(spec: dict) -> str:
 
 
 def load(spec: dict):
-    return load_model(model_name(spec), quant=spec["quant"], quiet=True, device=spec["device"])
+    return load_model(model_name(spec), quant=spec["quant"], quiet=True, device=spec["device"],
+                      backend=spec.get("backend", TORCH))
+
+
+def first_load(spec: dict, log) -> dict:
+    """An engine mode's first load, alone in its process: the conversion when none is cached (then its time and peak
+    memory are the conversion's), so the measured job that follows loads as every later run does."""
+    _, _, folder = engine_target(model_name(spec), spec["backend"], spec["quant"])
+    converted = not folder.complete()
+    log(f"first load of {spec['model']} on {spec['backend']} ({spec['quant']}): "
+        f"{'converting' if converted else 'already converted'} ({folder.path})")
+    start = time.perf_counter()
+    load(spec)
+    return {"converted": converted, "load_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
+            "engine_folder": str(folder.path)}
+
+
+def llm_weight_bytes(llm) -> int:
+    """Bytes of weights one decoded token reads: the PyTorch modules (for an engine's LLM, the embedding row) plus
+    what the engine holds (its weights file: compressed weights, their scales, norms)."""
+    return weight_bytes_per_token(llm) + getattr(llm, "engine_weight_bytes", 0)
 
 
 def image_pixels(config: TinyGPTVConfig, spec: dict) -> torch.Tensor:
@@ -125,7 +148,8 @@ def measure_tinygptv(spec: dict, log) -> dict:
     tower = model.visual_encoder
     pixels = image_pixels(config, spec).to(device)
     flops = encode_flops(config, tower.num_tokens, tower.num_features)
-    row = common_row(spec, config, tower, flops, load_s, rss_after_load, quant=spec["quant"],
+    backend = spec.get("backend", TORCH)
+    row = common_row(spec, config, tower, flops, load_s, rss_after_load, quant=spec["quant"], backend=backend,
                      llm_dtype=str(model.llm_dtype).removeprefix("torch."), vision_dtype=first_float_dtype(tower),
                      lora_r=config.lora.r)
     with torch.inference_mode():
@@ -158,6 +182,7 @@ def measure_tinygptv(spec: dict, log) -> dict:
 
         log(f"answers of {new_tokens} tokens: {warmup} warm-up + {repeats} timed")
         row.update(time_answers(answer, new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device))
-    row["weight_bytes_per_token"], row["weight_bytes_source"] = weight_bytes_per_token(model.llm), WEIGHT_BYTES_SOURCE
+    row["weight_bytes_per_token"] = llm_weight_bytes(model.llm)
+    row["weight_bytes_source"] = WEIGHT_BYTES_SOURCE if backend == TORCH else ENGINE_WEIGHT_BYTES_SOURCE
     row.update(memory_report(device))
     return row

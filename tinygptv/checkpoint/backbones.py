@@ -261,8 +261,10 @@ def backbone_state(config: TinyGPTVConfig) -> dict[str, Tensor]:
     consumed or deliberately skipped (listed above), and a seeded, per-name fresh init for the parts no backbone
     provides (ln_vision, query tokens, cross-attention, TinyGPT-V's added norms). Keys use the names without LoRA
     (`q_proj.weight`, not `q_proj.base_layer.weight`); the loaders map between the two."""
+    plain = TinyGPTVConfig.from_dict(config.to_dict())
+    plain.lora.r = 0  # the names without LoRA are the ones wanted, and building no adapters saves most of the time
     with torch.device("meta"):
-        model = TinyGPTV(config)  # names, shapes and module types only
+        model = TinyGPTV(plain)  # names, shapes and module types only
     expected = {without_lora(k): v for k, v in model.state_dict().items() if not is_trained_from_scratch(k)}
     state: dict[str, Tensor] = {}
     for source, part in _sources(config):

@@ -1,6 +1,7 @@
 # How every inference command (ask, chat, serve, eval, bench...) turns a model name into a ready TinyGPTV: a bundled
 # model name (the default, tinygptv-nano), an official release fetched into the cache (tinygptv-stage1..4), a preset
-# (random weights: preset:NAME), a folder of ours or a Hub id; then --quant / --dtype / --device. Below every app.
+# (random weights: preset:NAME), a folder of ours or a Hub id; then --quant / --dtype / --device, and --backend (the
+# LLM in an inference engine, tinygptv.engine). Below every app.
 from __future__ import annotations
 
 import ctypes
@@ -10,10 +11,14 @@ from pathlib import Path
 
 import torch
 
-from tinygptv.checkpoint.native import load_pretrained
+from tinygptv.checkpoint.hub import resolve_model_dir
+from tinygptv.checkpoint.native import CONFIG_NAME, load_pretrained
 from tinygptv.checkpoint.release import RELEASES, release_model_dir, requested_preset
-from tinygptv.config import DEFAULT_MODEL, preset
+from tinygptv.config import DEFAULT_MODEL, TinyGPTVConfig, preset
 from tinygptv.data.tokenizer import byte_level_tokenizer
+from tinygptv.engine.attach import AROUND_LLM_DTYPE, SOURCE_DTYPE, convert, engine_llm, random_llm
+from tinygptv.engine.backends import TORCH, check_backend
+from tinygptv.engine.store import EngineFolder, engine_folder
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.weights import cast_weights
 from tinygptv.quant.apply import build_random_quantized, check_mode, quantize_model
@@ -71,19 +76,24 @@ def return_large_frees_to_the_os() -> None:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, quant: str = "none",
-               merge_lora: bool = True, quiet: bool = False, device: torch.device | str = "cpu") -> TinyGPTV:
+               merge_lora: bool = True, quiet: bool = False, device: torch.device | str = "cpu",
+               backend: str = TORCH) -> TinyGPTV:
     """`quant` (tinygptv.quant.QUANT_MODES) converts after loading; a preset is built directly in that form, and a
     folder saved by `tinygptv quantize` is already in it. merge_lora folds LoRA into the weights: the same answers
     without the adapter's extra matmuls (quantizing always merges). The model is read on the CPU and then moved to
-    `device`; bitsandbytes layers are quantized on the device one by one, so it never holds the 16-bit LLM."""
+    `device`; bitsandbytes layers are quantized on the device one by one, so it never holds the 16-bit LLM.
+    `backend` (tinygptv.engine.backends.BACKENDS) runs the LLM in an inference engine instead of PyTorch."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     torch.set_flush_denormal(True)  # denormals slow CPU kernels by orders of magnitude; see train/loop.py
     return_large_frees_to_the_os()
     check_mode(quant, device)
+    check_backend(backend, quant, device)
     if quant != "none" and dtype is not None:
         raise ValueError("give either a dtype or a quantization mode, not both (--quant bf16 is the bf16 model)")
+    if backend != TORCH:
+        return _read_with_engine(name, dtype, quant, backend, quiet)
     return _read(name, dtype, quant, merge_lora, quiet, device).to(device)
 
 
@@ -101,12 +111,55 @@ def _read(name: str, dtype, quant: str, merge_lora: bool, quiet: bool, device: t
         return cast_weights(model, dtype) if dtype is not None else model
     # Quantizing from the stored precision (LoRA merged first, in fp32) gives the same weights as `tinygptv
     # quantize`; a machine too small for the stored model loads the folder that command saves instead.
-    model = load_pretrained(resolve_name(name), dtype=dtype)
+    model = load_pretrained(resolve_name(name), dtype=dtype, merge_lora=merge_lora)
     if quant != "none" and model.config.quant == "none":
         quantize_model(model, quant, device)
     elif quant not in ("none", model.config.quant):
         raise ValueError(f"{name} is saved quantized as {model.config.quant}; it cannot be loaded as {quant}")
     return model.merge_lora() if merge_lora else model
+
+
+# --- --backend: the LLM in an inference engine -------------------------------------------------------------------------
+
+def engine_target(name: str, backend: str, quant: str) -> tuple[Path | None, TinyGPTVConfig, EngineFolder]:
+    """(model folder or None for a preset, its config, where its conversion for backend / quant lives): inside the
+    model folder, or in cache_dir() for presets and the bundled model (engine.store)."""
+    preset_name = requested_preset(name)
+    model_dir = None if preset_name is not None else resolve_model_dir(resolve_name(name))
+    config = preset(preset_name) if model_dir is None else TinyGPTVConfig.load(model_dir / CONFIG_NAME)
+    if config.quant != "none":
+        raise ValueError(f"{name} is saved quantized for PyTorch ({config.quant}); --backend {backend} converts "
+                         "from the unquantized model")
+    beside = model_dir is not None and name not in BUNDLED
+    return model_dir, config, engine_folder(config.to_dict(), backend, quant, model_dir, beside=beside)
+
+
+def _read_with_engine(name: str, dtype, quant: str, backend: str, quiet: bool) -> TinyGPTV:
+    """The model with its LLM converted once for `backend` and the rest in PyTorch. A first load converts: the LLM
+    alone is built or read (bf16 for int8 / int4), exported and dropped. Every load then reads the model without its
+    LLM layers, so PyTorch never holds them."""
+    model_dir, config, folder = engine_target(name, backend, quant)
+    if not folder.complete():
+        if not quiet:
+            print(f"converting the language model of {name} for --backend {backend} --quant {quant} (once; kept in "
+                  f"{folder.path})", file=sys.stderr)
+        source = SOURCE_DTYPE[quant]
+        if model_dir is None:
+            llm = random_llm(config.llm, source)
+        else:
+            llm = load_pretrained(model_dir, dtype=None if source == torch.float32 else source).merge_lora().llm
+        convert(folder, llm, quant)
+        del llm
+    llm = engine_llm(folder, config.llm, AROUND_LLM_DTYPE[quant] or dtype)
+    if model_dir is None:
+        if not quiet:
+            print(f"note: {name!r} is a preset: its weights are random, so its answers are noise.", file=sys.stderr)
+        around = "none" if AROUND_LLM_DTYPE[quant] is None else "bf16"  # the dtypes these modes give the rest
+        model = build_random_quantized(config, around, byte_level_tokenizer(), llm=llm)
+    else:
+        model = load_pretrained(model_dir, dtype=AROUND_LLM_DTYPE[quant] or dtype, llm=llm)
+    model.config.quant = quant
+    return model
 
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -17,6 +17,8 @@ from tinygptv.atomic import save_weights, writing_dir
 from tinygptv.checkpoint.backbones import BACKBONES_BASE, backbone_state
 from tinygptv.checkpoint.hub import resolve_model_dir
 from tinygptv.config import TinyGPTVConfig
+from tinygptv.engine.store import ENGINE_DIR
+from tinygptv.model.lora import merge_lora_into_state
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.weights import align_lora_names, cast_weights, materialize_buffers
 from tinygptv.quant.apply import prepare_for_quantized_weights
@@ -26,8 +28,9 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json")
-# Everything a model folder of ours may hold; anything else is the user's, and no save deletes it.
-MODEL_ENTRIES = frozenset((CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD, *TOKENIZER_FILES))
+# Everything a model folder of ours may hold (ENGINE_DIR: its --backend conversions, which a new save drops with the
+# weights they came from); anything else is the user's, and no save deletes it.
+MODEL_ENTRIES = frozenset((CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD, *TOKENIZER_FILES, ENGINE_DIR))
 
 
 class CheckpointError(ValueError):
@@ -77,14 +80,33 @@ def write_model_files(model: TinyGPTV, folder: Path, *, trainable_only: bool = F
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
-                    dtype: torch.dtype | None = None) -> TinyGPTV:
+                    dtype: torch.dtype | None = None, llm: torch.nn.Module | None = None,
+                    merge_lora: bool = False) -> TinyGPTV:
     """A folder of ours or a Hub id, ready for inference (eval mode, TinyGPT-V's trainable set marked). Built on the
     meta device and filled from the file, so loading never holds a second, randomly initialised copy of the weights.
-    A copy saved by `tinygptv quantize` gets its quantized layers before its weights are loaded."""
+    A copy saved by `tinygptv quantize` gets its quantized layers before its weights are loaded.
+
+    merge_lora: LoRA folded into the weights as they are read (the model is built without adapter modules; the same
+    weights as merging after loading).
+
+    `llm` (an inference engine's LM, its tensors on the meta device, LoRA merged into it) takes the place of the
+    config's LM before anything is read: only the tensors the model then has are read (the LM's embedding table, not
+    its layers), so the engine's model never passes through memory in PyTorch form."""
     directory = resolve_model_dir(name_or_path, revision)
-    config, state = collect_state(directory)
+    llm_keys = {f"llm.{k}" for k in llm.state_dict()} if llm is not None else None
+
+    def keep(key: str) -> bool:
+        return not key.startswith("llm.") or key in llm_keys
+
+    config, state = collect_state(directory, keep=keep if llm is not None else None)
+    if merge_lora and llm is None and config.lora.r > 0:
+        state = merge_lora_into_state(state, config.lora)
+    if merge_lora or llm is not None:
+        config.lora.r = 0
     with torch.device("meta"):
         model = TinyGPTV(config, load_tokenizer(directory))
+    if llm is not None:
+        model.llm = llm
     if config.quant != "none":
         prepare_for_quantized_weights(model, config.quant)
     elif dtype is not None:
@@ -115,32 +137,37 @@ def load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(str(directory))
 
 
-def load_state(directory: Path) -> dict[str, torch.Tensor]:
+def load_state(directory: Path, keep=None) -> dict[str, torch.Tensor]:
+    """The folder's weights; with `keep` (name -> bool), only those it accepts are read from the file."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
     try:
-        return load_file(path)
+        if keep is None:
+            return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is damaged or incomplete, "
                               "write it again") from None
 
 
-def collect_state(directory: Path, depth: int = 0) -> tuple[TinyGPTVConfig, dict[str, torch.Tensor]]:
-    """Config of this folder plus the weights of its chain of bases (base first, then each overlay)."""
+def collect_state(directory: Path, depth: int = 0, keep=None) -> tuple[TinyGPTVConfig, dict[str, torch.Tensor]]:
+    """Config of this folder plus the weights of its chain of bases (base first, then each overlay); with `keep`
+    (name -> bool), only the weights it accepts."""
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a tinygptv model folder?")
     config = TinyGPTVConfig.load(config_path)
     state: dict[str, torch.Tensor] = {}
     if config.base_model == BACKBONES_BASE:  # frozen weights from the installed backbone packages (nano models)
-        state = backbone_state(config)
+        state = {k: v for k, v in backbone_state(config).items() if keep is None or keep(k)}
     elif config.base_model:
         if depth > 8:
             raise CheckpointError(f"{directory}: base_model chain deeper than 8 (a cycle?)")
         base = directory / config.base_model  # a relative base is relative to this folder, so runs can move
-        _, state = collect_state(base if base.is_dir() else resolve_model_dir(config.base_model), depth + 1)
-    state.update(align_lora_names(load_state(directory), state.keys()))
+        _, state = collect_state(base if base.is_dir() else resolve_model_dir(config.base_model), depth + 1, keep)
+    state.update(align_lora_names(load_state(directory, keep), state.keys()))
     return config, state
 
 
