@@ -57,7 +57,8 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def summary(prefill_runs, decode_runs, prompt: int, new: int) -> dict:
-    return {"prefill_tok_s": prompt / statistics.median(prefill_runs), "decode_tok_s": new / statistics.median(decode_runs),
+    return {"prefill_tok_s": prompt / statistics.median(prefill_runs),
+            "decode_tok_s": new / statistics.median(decode_runs),
             "prefill_runs_s": prefill_runs, "decode_runs_s": decode_runs}
 
 

@@ -18,25 +18,19 @@ DEFAULT_OUT = Path("runs") / "bench" / "bench-results.json"
 ENGINE_DEFAULT_MODES = ["int8", "int4"]  # an engine's fp32 mode is a parity check, and converting it needs 11 GB
 
 
-def quant_list(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    known = QUANT_MODES
-    unknown = [m for m in modes if m not in known]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown quant mode(s) {unknown or [text]}; known: {','.join(known)}")
-    if len(set(modes)) != len(modes):
-        raise argparse.ArgumentTypeError(f"a quant mode is listed twice: {text}")
-    return modes
+def name_list(known, what: str):
+    """An argparse type for a comma-separated list of names from `known`, each at most once."""
 
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {unknown or [text]}; known: {','.join(known)}")
+        if len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"a {what} is listed twice: {text}")
+        return names
 
-def backend_list(text: str) -> list[str]:
-    backends = [b.strip() for b in text.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown or not backends:
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or [text]}; known: {','.join(BACKENDS)}")
-    if len(set(backends)) != len(backends):
-        raise argparse.ArgumentTypeError(f"a backend is listed twice: {text}")
-    return backends
+    return parse
 
 
 def _at_least(low: int):
@@ -67,11 +61,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                                       "(the official release, after `tinygptv fetch --stage N`)")
     src.add_argument("--preset", choices=PRESETS.names(),
                      help=f"a preset with random weights (default: {DEFAULT_PRESET}, the full-size model)")
-    p.add_argument("--quant", type=quant_list, default=None,
+    p.add_argument("--quant", type=name_list(QUANT_MODES, "quant mode"), default=None,
                    help=f"comma-separated precisions, from {', '.join(QUANT_MODES)} (none = fp32 as saved; "
                         "default: the modes for --device: PyTorch's int8 / int4 / int8-dynamic kernels on the CPU, "
                         "bitsandbytes on CUDA)")
-    p.add_argument("--backend", type=backend_list, default=[TORCH],
+    p.add_argument("--backend", type=name_list(BACKENDS, "backend"), default=[TORCH],
                    help="comma-separated: what runs the LLM, torch (default) and/or openvino; each runs the --quant "
                         f"modes it has (openvino: {', '.join(ENGINE_MODES['openvino'])}; without --quant, "
                         f"{' and '.join(ENGINE_DEFAULT_MODES)}). Example: --quant int4,int8-dynamic "

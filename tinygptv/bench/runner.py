@@ -16,6 +16,7 @@ from tinygptv.bench.worker import MARKER
 from tinygptv.engine.backends import ENGINE_MODES, TORCH
 
 STDERR_TAIL_LINES = 30
+FIRST_LOAD_FIELDS = ("converted", "load_s", "peak_rss_bytes")  # an engine's first load, reported in its mode's row
 
 
 @dataclass
@@ -159,5 +160,3 @@ def run_jobs(jobs: list[dict], *, timeout_s: float, log, on_row=None) -> list[di
             on_row(rows)
     return rows
 
-
-FIRST_LOAD_FIELDS = ("converted", "load_s", "peak_rss_bytes")

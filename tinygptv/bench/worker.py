@@ -1,5 +1,6 @@
 # One bench job in its own process (`python -m tinygptv.bench.worker '<job JSON>'`), started by runner.py: the
-# machine roofs, one precision of the model (or an engine's first load, which converts), or the stock reference. Prints exactly one marked JSON line on stdout.
+# machine roofs, one precision of the model (or an engine's first load, which converts), or the stock reference.
+# Prints exactly one marked JSON line on stdout.
 """Each job runs in a fresh process so that its peak RSS (ru_maxrss) is the peak of that precision alone, loading
 included, and so that a crash or an out-of-memory kill costs one row, not the whole bench. Progress and anything
 the libraries print go to stderr; stdout carries only the result line."""

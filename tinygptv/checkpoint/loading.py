@@ -119,7 +119,7 @@ def _read(name: str, dtype, quant: str, merge_lora: bool, quiet: bool, device: t
     return model.merge_lora() if merge_lora else model
 
 
-# --- --backend: the LLM in an inference engine -------------------------------------------------------------------------
+# --- --backend: the LLM in an inference engine ----------------------------------------------------------------------
 
 def engine_target(name: str, backend: str, quant: str) -> tuple[Path | None, TinyGPTVConfig, EngineFolder]:
     """(model folder or None for a preset, its config, where its conversion for backend / quant lives): inside the
