@@ -1,13 +1,20 @@
 # What a cold `tinygptv ask` no longer does, checked to change nothing: LoRA is folded into the weights as they are
-# read (no adapter modules built and merged: bit-identical weights), and an inference load imports no peft.
+# read (no adapter modules built and merged: bit-identical weights), an inference load imports no peft, and the
+# command skips Python's last garbage collections at exit.
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
+
+import pytest
 
 import torch
 from conftest import tiny_model
 
+from tinygptv import cli
 from tinygptv.checkpoint.loading import load_model
 from tinygptv.checkpoint.native import load_pretrained, save_pretrained
 from tinygptv.model.lora import is_lora_param
@@ -45,3 +52,14 @@ def test_an_inference_load_imports_no_peft(tmp_path):
             "quiet=True); print('peft' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_command_freezes_its_objects_before_exiting_with_mains_code(monkeypatch):
+    frozen = []
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    with pytest.raises(SystemExit) as done:
+        cli.run()
+    assert done.value.code == 3 and frozen == [True]
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["tinygptv"] == "tinygptv.cli:run"  # the installed command is run()

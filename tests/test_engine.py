@@ -25,7 +25,7 @@ from tinygptv.data.templates import single_prompt  # noqa: E402
 from tinygptv.engine import openvino_export  # noqa: E402
 from tinygptv.engine.attach import attach_engine  # noqa: E402
 from tinygptv.engine.backends import check_backend  # noqa: E402
-from tinygptv.engine.openvino_llm import OpenVINOCausalLM  # noqa: E402
+from tinygptv.engine.openvino_llm import COMPILED_DIR, OpenVINOCausalLM  # noqa: E402
 from tinygptv.engine.store import ENGINE_DIR, META, EngineFolder, engine_folder  # noqa: E402
 from tinygptv.eval.runner import generate_shared_prefix  # noqa: E402
 from tinygptv.model.generation import GenerationSettings  # noqa: E402
@@ -134,6 +134,8 @@ def test_conversion_is_kept_beside_the_model_reused_and_dropped_on_save(tmp_path
     load_model(str(folder), backend="openvino", quant="int4", quiet=True)
     (converted,) = (folder / ENGINE_DIR).iterdir()
     assert converted.name.startswith("openvino-int4-") and (converted / META).is_file()
+    compiled = sorted((converted / COMPILED_DIR).iterdir())  # OpenVINO's compiled model, imported by later loads
+    assert compiled and all(p.stat().st_size > 0 for p in compiled)
     assert json.loads((converted / META).read_text())["mode"] == "int4"
 
     def no_export(*args, **kwargs):

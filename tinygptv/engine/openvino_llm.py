@@ -3,6 +3,7 @@
 # TinyGPTV.generate, stream_generate, eval's batched paths and the quantize report drive it like the PyTorch LLM.
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,19 @@ FP32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC
 RUNTIME_CONFIG = {"none": FP32, "int8": {}, "int4": {}}
 
 
+COMPILED_DIR = "compiled"  # inside an engine folder: OpenVINO's cache of the model compiled for this CPU
+
+
 def compile_llm(folder: Path, mode: str, threads: int | None = None, overrides: dict | None = None):
-    """The engine folder's llm.xml compiled for this machine's CPU, `threads` threads (default: torch's count)."""
+    """The engine folder's llm.xml compiled for this machine's CPU, `threads` threads (default: torch's count).
+    OpenVINO keeps the compiled model in folder/compiled (keyed by the model, the settings, the CPU and its own
+    version) when the folder is writable: a later load imports it instead of compiling, 0.15 s instead of 1.3-2 s
+    for full-size int8, at the cost of about the model's size on disk."""
     ov = import_openvino()
     config = {**RUNTIME_CONFIG[mode], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
               "INFERENCE_NUM_THREADS": str(threads or torch.get_num_threads()), **(overrides or {})}
+    if os.access(folder, os.W_OK | os.X_OK):
+        config["CACHE_DIR"] = str(Path(folder) / COMPILED_DIR)
     return ov.Core().compile_model(str(Path(folder) / LLM_XML), "CPU", config)
 
 
