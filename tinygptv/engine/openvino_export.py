@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
@@ -68,12 +69,30 @@ def weights_read_as_float32(llm: nn.Module):
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
 
 
+@contextmanager
+def quiet_tracing():
+    """Tracing our LLM makes torch and transformers warn about what a trace cannot follow (Python booleans of
+    shapes, deprecated attributes walked by the tracer, an unset loss type): expected here, since the exported graph
+    is checked against PyTorch (tests/test_engine.py), and noise to a user whose first `ask` converts."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def convert_llm(llm: nn.Module):
     """The LLM as an OpenVINO model: inputs inputs_embeds [B, S, D] f32, attention_mask [B, P + S] i64, position_ids
     [B, S] i64, logits_index [K] i64; output logits [B, K, V]; the K/V of every layer is a state variable (past.N.key
     -> present.N.key) that the engine appends to in place, so no cache crosses the Python boundary per token."""
     ov = import_openvino()
-    with torch.no_grad(), weights_read_as_float32(llm):
+    with torch.no_grad(), weights_read_as_float32(llm), quiet_tracing():
         model = ov.convert_model(LLMStep(llm).eval(), example_input=example_inputs(llm))
     num_layers = llm.config.num_hidden_layers
     for port, name in zip(model.inputs, (*INPUT_NAMES, *kv_names("past", num_layers))):
