@@ -45,14 +45,11 @@ def add_quantize_parser(sub):
 
 
 def cmd_quantize(args) -> int:
-    import torch  # the command's imports wait for the command: `tinygptv --help` stays instant
-
-    from tinygptv.checkpoint.loading import load_model, pick_device
+    # the command's imports wait for the command: `tinygptv --help` stays instant
     from tinygptv.atomic import check_output_dir
+    from tinygptv.checkpoint.loading import pick_device
     from tinygptv.checkpoint.native import is_model_entry, save_pretrained
-    from tinygptv.data.templates import inference_template
     from tinygptv.quant.apply import quantize_model
-    from tinygptv.quant.quality import answer_logits, compare, prompt_set
 
     if args.backend != TORCH:
         return quantize_for_engine(args)
@@ -64,20 +61,39 @@ def cmd_quantize(args) -> int:
     if not args.report_only:  # before minutes of loading, quantizing and scoring, not after
         check_output_dir(args.out, is_model_entry, overwrite=args.overwrite, what="model folder")
     device = pick_device(args.device, args.quant)
-    model = load_model(args.model, dtype=torch.bfloat16 if args.load_dtype == "bf16" else None)
+    model = load_original(args)
     if model.config.quant != "none":
         raise ValueError(f"{args.model} is already quantized ({model.config.quant}); start from the original")
-    items = prompt_set(inference_template(model.config.prompt.template))
-    print(f"scoring {len(items)} fixed prompts before and after quantizing to {args.quant} ...", file=sys.stderr)
-    reference = answer_logits(model, items)
-    quantize_model(model, args.quant, device).to(device)
-    report = compare(reference, answer_logits(model, items))
+    report = score_change(model, lambda m: quantize_model(m, args.quant, device).to(device),
+                          f"before and after quantizing to {args.quant}")
     result = {"model": args.model, "quant": args.quant, "against": args.load_dtype, **report.to_dict()}
     print_report(args, result, report)
     if not args.report_only:
         save_pretrained(model, args.out, overwrite=args.overwrite)
         print(f"saved {args.out}", file=sys.stderr)
     return 0
+
+
+def load_original(args):
+    """The model to quantize or convert, at --load-dtype."""
+    import torch
+
+    from tinygptv.checkpoint.loading import load_model
+
+    return load_model(args.model, dtype=torch.bfloat16 if args.load_dtype == "bf16" else None)
+
+
+def score_change(model, change, what: str):
+    """How far `change` (applied to the model in place: quantizing, or attaching an engine) moves its answers: the
+    next-token distributions over the fixed prompt set, before and after."""
+    from tinygptv.data.templates import inference_template
+    from tinygptv.quant.quality import answer_logits, compare, prompt_set
+
+    items = prompt_set(inference_template(model.config.prompt.template))
+    print(f"scoring {len(items)} fixed prompts {what} ...", file=sys.stderr)
+    reference = answer_logits(model, items)
+    change(model)
+    return compare(reference, answer_logits(model, items))
 
 
 def print_report(args, result: dict, report) -> None:
@@ -96,13 +112,9 @@ def quantize_for_engine(args) -> int:
     conversion made from bf16 weights is not the fp32 model: those are scored from a temporary folder."""
     import tempfile
 
-    import torch
-
-    from tinygptv.checkpoint.loading import engine_target, load_model
-    from tinygptv.data.templates import inference_template
+    from tinygptv.checkpoint.loading import engine_target
     from tinygptv.engine.attach import attach_engine
     from tinygptv.engine.store import EngineFolder
-    from tinygptv.quant.quality import answer_logits, compare, prompt_set
 
     check_backend(args.backend, args.quant, args.device)
     if args.out is not None:
@@ -110,17 +122,13 @@ def quantize_for_engine(args) -> int:
                          f"folder, or in the cache) and found there by --model {args.model} --backend {args.backend} "
                          f"--quant {args.quant}; leave out --out")
     model_dir, _, folder = engine_target(args.model, args.backend, args.quant)
-    model = load_model(args.model, dtype=torch.bfloat16 if args.load_dtype == "bf16" else None)
-    items = prompt_set(inference_template(model.config.prompt.template))
-    print(f"scoring {len(items)} fixed prompts in PyTorch ({args.load_dtype}) and on {args.backend} "
-          f"({args.quant}) ...", file=sys.stderr)
-    reference = answer_logits(model, items)
+    model = load_original(args)
     keep = not args.report_only and model_dir is not None and (args.quant != "none" or args.load_dtype == "fp32")
     with tempfile.TemporaryDirectory(prefix="tinygptv-engine-") as scratch:
         if not keep:
             folder = EngineFolder(Path(scratch) / folder.path.name, folder.key, folder.backend, folder.mode)
-        attach_engine(model, folder)
-        report = compare(reference, answer_logits(model, items))
+        report = score_change(model, lambda m: attach_engine(m, folder),
+                              f"in PyTorch ({args.load_dtype}) and on {args.backend} ({args.quant})")
     result = {"model": args.model, "quant": args.quant, "backend": args.backend, "against": args.load_dtype,
               **report.to_dict()}
     print_report(args, result, report)
