@@ -100,16 +100,15 @@ def cmd_chat(args) -> int:
 def cmd_info(args) -> int:
     import json
 
-    from tinygptv.config import TinyGPTVConfig, preset
+    from tinygptv.config import preset
     from tinygptv.info import format_counts, parameter_counts
 
     if args.preset:
         config = preset(args.preset)
     else:
-        from tinygptv.checkpoint.hub import resolve_model_dir
-        from tinygptv.checkpoint.loading import resolve_name
+        from tinygptv.checkpoint.loading import model_config
 
-        config = TinyGPTVConfig.load(resolve_model_dir(resolve_name(args.model)) / "config.json")
+        config = model_config(args.model)
     info = parameter_counts(config)
     info["config"] = config.to_dict()
     print(json.dumps(info, indent=2) if args.json else format_counts(info))

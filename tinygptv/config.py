@@ -13,6 +13,10 @@ from tinygptv.registry import Registry
 
 DEFAULT_MODEL = "tinygptv-nano"  # the model every inference command uses without --model: bundled with the package
 CACHE_ENV = "TINYGPTV_CACHE"
+# A model folder of ours: this config as config.json, the weights as model.safetensors (checkpoint/native.py reads and
+# writes them; the engine's cache keys and the run folders check them)
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
 
 
 def cache_dir() -> Path:

@@ -15,7 +15,7 @@ from tinygptv.bench.cost import encode_flops
 from tinygptv.bench.generation import fixed_length_kwargs, time_answers
 from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
 from tinygptv.bench.workload import (
-    WEIGHT_BYTES_SOURCE, common_row, image_pixels, logits_to_keep, model_config, prefill_length, time_encode,
+    WEIGHT_BYTES_SOURCE, bench_config, common_row, image_pixels, logits_to_keep, prefill_length, time_encode,
 )
 from tinygptv.config import LLMConfig, TinyGPTVConfig
 from tinygptv.model.llm.llama import llama_config
@@ -51,7 +51,7 @@ def encoder_only(config: TinyGPTVConfig):
 def measure_reference(spec: dict, log) -> dict:
     device = torch.device(spec["device"])
     warmup, repeats, new_tokens = spec["warmup"], spec["repeats"], spec["new_tokens"]
-    config = model_config(spec)
+    config = bench_config(spec)
 
     log(f"building the stock {STOCK_LLMS.get(config.llm.name, config.llm.name)} (eager, fp32) and the fp32 encoder")
     start = time.perf_counter()

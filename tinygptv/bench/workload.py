@@ -10,8 +10,7 @@ import torch
 from tinygptv.bench.cost import encode_flops
 from tinygptv.bench.generation import fixed_length_kwargs, time_answers
 from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
-from tinygptv.checkpoint.hub import resolve_model_dir
-from tinygptv.checkpoint.loading import engine_target, load_model, resolve_name
+from tinygptv.checkpoint.loading import engine_target, load_model, model_config
 from tinygptv.checkpoint.release import PRESET_PREFIX, requested_preset
 from tinygptv.config import PRESETS, TinyGPTVConfig, preset
 from tinygptv.data.image_processor import ImageProcessor
@@ -29,7 +28,7 @@ FILLER_UNITS = (" the", " a", "a", " x")
 PREFILL_METHOD = "model.build_inputs + one model.llm forward (use_cache=True, logits only for the last position)"
 
 
-def model_config(spec: dict) -> TinyGPTVConfig:
+def bench_config(spec: dict) -> TinyGPTVConfig:
     """The config of the benched model, with --image-size applied. Only a preset can change size: a checkpoint's
     position embedding was trained for its own size (stage 4's preset is the 448-px model)."""
     name = spec["model"]
@@ -37,7 +36,7 @@ def model_config(spec: dict) -> TinyGPTVConfig:
     if preset_name is not None:
         config = preset(preset_name)
     else:
-        config = TinyGPTVConfig.load(resolve_model_dir(resolve_name(name)) / "config.json")
+        config = model_config(name)
     size = spec.get("image_size")
     if size and size != config.vision.image_size:
         if preset_name is None:
@@ -56,7 +55,7 @@ def model_name(spec: dict) -> str:
         return name
     derived = f"{preset_name}@{size}px"
     if derived not in PRESETS:
-        PRESETS.register(derived, lambda: model_config(spec))
+        PRESETS.register(derived, lambda: bench_config(spec))
     return PRESET_PREFIX + derived
 
 

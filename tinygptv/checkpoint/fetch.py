@@ -24,6 +24,7 @@ from tinygptv.checkpoint.release import (
     downloads_dir,
     models_dir,
 )
+from tinygptv.config import CONFIG_NAME
 
 FULL_COMMIT = re.compile(r"[0-9a-f]{40}")  # a Hub revision that names one commit, as opposed to an abbreviation
 FETCH_RECORD = "fetched-from.json"  # written into the model folder last: which sources it was converted from
@@ -171,7 +172,7 @@ def is_current(out: Path, release: Release) -> bool:
     import json
 
     path = out / FETCH_RECORD
-    if not (out / "config.json").is_file() or not path.is_file():
+    if not (out / CONFIG_NAME).is_file() or not path.is_file():
         return False
     try:
         files = json.loads(path.read_text())["files"]

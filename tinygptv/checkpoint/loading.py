@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from tinygptv.checkpoint.hub import resolve_model_dir
-from tinygptv.checkpoint.native import CONFIG_NAME, load_pretrained
+from tinygptv.checkpoint.native import load_pretrained
 from tinygptv.checkpoint.release import RELEASES, release_model_dir, requested_preset
-from tinygptv.config import DEFAULT_MODEL, TinyGPTVConfig, preset
+from tinygptv.config import CONFIG_NAME, DEFAULT_MODEL, TinyGPTVConfig, preset
 from tinygptv.data.tokenizer import byte_level_tokenizer
 from tinygptv.engine.attach import AROUND_LLM_DTYPE, SOURCE_DTYPE, convert, engine_llm, random_llm
 from tinygptv.engine.backends import TORCH, check_backend
@@ -51,13 +51,18 @@ BUNDLED = {
 def resolve_name(name: str) -> str:
     if name in BUNDLED:
         folder = BUNDLED[name].folder
-        if not (folder / "config.json").is_file():
+        if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{name}: the bundled model is missing from {folder}; rebuild it with "
                                     "`make nano-model` or pass --model")
         return str(folder)
     if name in RELEASES:  # an official stage, converted into the cache by `tinygptv fetch --stage N`
         return str(release_model_dir(name))
     return name
+
+
+def model_config(name: str) -> TinyGPTVConfig:
+    """The config of a model name (bundled, release, folder, Hub id) without loading its weights."""
+    return TinyGPTVConfig.load(resolve_model_dir(resolve_name(name)) / CONFIG_NAME)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

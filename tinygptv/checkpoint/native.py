@@ -16,15 +16,13 @@ from transformers import AutoTokenizer
 from tinygptv.atomic import save_weights, writing_dir
 from tinygptv.checkpoint.backbones import BACKBONES_BASE, backbone_state
 from tinygptv.checkpoint.hub import resolve_model_dir
-from tinygptv.config import TinyGPTVConfig
+from tinygptv.config import CONFIG_NAME, WEIGHTS_NAME, TinyGPTVConfig
 from tinygptv.engine.store import ENGINE_DIR
 from tinygptv.model.lora import merge_lora_into_state
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.model.weights import align_lora_names, cast_weights, materialize_buffers
 from tinygptv.quant.apply import prepare_for_quantized_weights
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinygptv.config import PRESETS, cache_dir
+from tinygptv.config import CONFIG_NAME, PRESETS, cache_dir
 from tinygptv.registry import Registry
 
 HF = "hf"  # a file in a Hugging Face Hub repository, fetched through huggingface_hub at a pinned revision
@@ -177,7 +177,7 @@ def release_model_dir(name: str) -> Path:
     """The converted folder a release name stands for, or FileNotFoundError saying the command that makes it."""
     release = RELEASES[name]
     folder = models_dir() / name
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{name}: the official stage-{release.stage} model is not in {folder}; download and "
                                 f"convert it with `{release.fetch_command()}` (about "
                                 f"{release_download_bytes(release) / 1e9:.1f} GB), or pass --model with a folder")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from tinygptv.atomic import write_json_atomic, writing_dir
-from tinygptv.config import cache_dir
+from tinygptv.config import CONFIG_NAME, WEIGHTS_NAME, cache_dir
 
 ENGINE_DIR = "engine"  # inside a model folder: its conversions, dropped when the folder is saved again
 CACHE_SUBDIR = "engines"  # in cache_dir(): conversions of presets, bundled models and Hub ids
@@ -21,8 +21,6 @@ META = "engine.json"  # written last: its presence marks a complete conversion
 # Bump when the exported graph changes, so conversions made by an older tinygptv are not reused.
 EXPORT_FORMAT = 1
 ENGINE_PACKAGES = {"openvino": ("openvino", "nncf")}
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 def package_versions(backend: str) -> dict[str, str]:

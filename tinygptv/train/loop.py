@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from tinygptv.checkpoint.native import save_pretrained
+from tinygptv.config import CONFIG_NAME
 from tinygptv.data.datasets import DATASETS
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import TEMPLATES
@@ -112,7 +113,7 @@ class Trainer:
         """A start model whose frozen weights exist nowhere else (a random preset) is saved once, in full (before
         any sharding, while every process still holds the whole model)."""
         base = self.run_dir / "base"
-        if self.dist.is_main and not (base / "config.json").is_file():
+        if self.dist.is_main and not (base / CONFIG_NAME).is_file():
             save_pretrained(self.model, base)
         distributed.barrier(self.dist)
         return str(base)
@@ -178,7 +179,7 @@ class Trainer:
         total = r.total_steps
         stop = total if max_steps is None else min(total, self.step + max_steps)
         final = self.run_dir / "final"
-        if self.step >= total and (final / "config.json").is_file():
+        if self.step >= total and (final / CONFIG_NAME).is_file():
             self._say(f"this run already finished (step {self.step} of {total}); its model is {final}. Nothing to "
                       f"do: choose another output_dir, or train on with a larger schedule.")
             return {"step": self.step, "losses": [], "skipped": dict(self.stream.state.skipped)}

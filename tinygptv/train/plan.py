@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tinygptv.checkpoint.hub import resolve_model_dir
-from tinygptv.config import TinyGPTVConfig
+from tinygptv.config import CONFIG_NAME, TinyGPTVConfig
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.train.recipe import Recipe
 from tinygptv.train.start import start_config
@@ -39,7 +39,7 @@ def llm_policy_class(llm: str) -> str:
 def plan_memory(recipe: Recipe, half_bytes: int = 2) -> dict:
     base_config = None
     if recipe.model.init_from and not recipe.model.preset:
-        base_config = TinyGPTVConfig.load(resolve_model_dir(recipe.model.init_from) / "config.json")
+        base_config = TinyGPTVConfig.load(resolve_model_dir(recipe.model.init_from) / CONFIG_NAME)
     config = start_config(recipe, base_config)
     with torch.device("meta"):
         model = TinyGPTV(config)
