@@ -68,13 +68,11 @@ def say_what_a_bundled_model_is(name: str) -> None:
 
 
 def cmd_ask(args) -> int:
-    from tinygptv.model.generation import utf8_problem
+    from tinygptv.model.generation import check_utf8
 
     if args.draw and args.image is None:
         raise ValueError("--draw needs --image")
-    problem = utf8_problem(args.question)  # bytes that were not UTF-8 in the argument
-    if problem:
-        raise ValueError(f"the question is not valid UTF-8 ({problem})")
+    check_utf8(args.question, "the question")  # bytes that were not UTF-8 in the argument, before the model loads
     session = _session(args)
     if args.no_stream:
         answer = session.ask(args.question, task=args.task)

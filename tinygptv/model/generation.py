@@ -111,6 +111,13 @@ class PromptTooLong(ValueError):
         super().__init__(f"the prompt is {count}: too long ({why})")
 
 
+def check_utf8(text: str, what: str) -> None:
+    """ValueError naming `what` ("the question") when `text` cannot be written as UTF-8 (utf8_problem says where)."""
+    problem = utf8_problem(text)
+    if problem:
+        raise ValueError(f"{what} is not valid UTF-8 ({problem})")
+
+
 def utf8_problem(text: str) -> str | None:
     """Why `text` cannot be written as UTF-8, or None. Bytes that were not UTF-8 reach Python as lone surrogates
     (command-line arguments and stdin decode them with surrogateescape: byte 0xff becomes U+DCFF; JSON can spell

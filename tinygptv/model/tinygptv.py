@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from tinygptv.config import TinyGPTVConfig
 from tinygptv.data.templates import IMAGE_PLACEHOLDER
-from tinygptv.model.generation import GenerationSettings, PromptTooLong, cut_at_stop, utf8_problem
+from tinygptv.model.generation import GenerationSettings, PromptTooLong, check_utf8, cut_at_stop
 from tinygptv.model.llm import LLM_ADAPTERS, build_llm
 from tinygptv.model.lora import add_lora, is_lora_param, merge_lora
 from tinygptv.model.projector import Projector
@@ -99,10 +99,9 @@ class TinyGPTV(nn.Module):
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise RuntimeError("this model has no tokenizer; load it with TinyGPTV.from_pretrained or pass one")
-        problem = utf8_problem(text)
-        if problem:  # the tokenizer would raise a TypeError that names nothing
-            raise ValueError(f"the text is not valid UTF-8 ({problem})")
+            raise RuntimeError("this model has no tokenizer; load it with tinygptv.load_model or load_pretrained, or "
+                               "pass one to TinyGPTV")
+        check_utf8(text, "the text")  # the tokenizer would raise a TypeError that names nothing
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     # --- prompt length ----------------------------------------------------------------------------------------------

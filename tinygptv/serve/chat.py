@@ -13,7 +13,7 @@ import torch
 from tinygptv.data.image_file import DEFAULT_MAX_PIXELS
 from tinygptv.data.image_processor import ImageProcessor
 from tinygptv.data.templates import TEMPLATES, Conversation, inference_template, with_task
-from tinygptv.model.generation import GenerationSettings, PromptTooLong, utf8_problem
+from tinygptv.model.generation import GenerationSettings, PromptTooLong, check_utf8
 from tinygptv.model.streaming import stream_generate
 from tinygptv.model.tinygptv import TinyGPTV
 
@@ -51,9 +51,7 @@ class ChatSession:
     def ask(self, question: str, task: str | None = None, on_text: Callable[[str], None] | None = None) -> str:
         """The answer to `question` in this conversation. Interrupted (Ctrl-C), the part already shown stays in the
         conversation as the answer, so the next question follows what the user saw; a failure drops the question."""
-        problem = utf8_problem(question)  # bytes that were not UTF-8 (argv, stdin): the tokenizer cannot take them
-        if problem:
-            raise ValueError(f"the question is not valid UTF-8 ({problem})")
+        check_utf8(question, "the question")  # bytes that were not UTF-8 (argv, stdin): the tokenizer cannot take them
         first = not self.conversation.turns
         self.conversation.add_user(with_task(question, task), with_image=first and self.image_embeds is not None)
         images = [self.image_embeds[0] if self.image_embeds is not None else None]
