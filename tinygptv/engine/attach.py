@@ -9,18 +9,18 @@ import torch
 from torch import nn
 
 from tinygptv.config import LLMConfig
-from tinygptv.engine.backends import OPENVINO, check_backend
+from tinygptv.engine.backends import ENGINE_MODES, OPENVINO, check_backend
 from tinygptv.engine.openvino_export import export_llm
 from tinygptv.engine.openvino_llm import OpenVINOCausalLM, load_openvino_llm
 from tinygptv.engine.store import EngineFolder
 from tinygptv.model.llm import build_llm
-from tinygptv.model.weights import RepeatedNoise, cast_weights, materialize_buffers, materialize_fresh
+from tinygptv.model.weights import RepeatedNoise, materialize_buffers, materialize_fresh
+from tinygptv.quant.apply import COMPONENT_DTYPES, cast_components
 
 # The PyTorch side of an engine model, per --quant mode: everything around the LLM (vision tower, Q-Former,
-# projections, the embedding table) as the PyTorch modes run it: as loaded for `none`, bf16 around the compressed
-# LLMs (one image per answer: bf16 GEMMs run ~2.5x fp32 here).
-AROUND_LLM_DTYPE = {"none": None, "int8": torch.bfloat16, "int4": torch.bfloat16}
-AROUND_LLM = ("visual_encoder", "connector", "projector")
+# projections, the embedding table) in the dtype PyTorch's mode of the same name gives the LLM's tensors
+# (quant.apply.COMPONENT_DTYPES: bf16 for int8 / int4, as the rest; `none` keeps what was loaded).
+AROUND_LLM_DTYPE = {mode: COMPONENT_DTYPES.get(mode, {}).get("llm") for mode in ENGINE_MODES[OPENVINO]}
 # The precision an LLM is converted from: bf16 halves a conversion's memory for the compressed modes (their codes
 # differ from those of fp32 weights only by bf16 rounding); fp32 stays fp32, the parity reference.
 SOURCE_DTYPE = {"none": torch.float32, "int8": torch.bfloat16, "int4": torch.bfloat16}
@@ -82,14 +82,8 @@ def attach_engine(model, folder: EngineFolder, threads: int | None = None):
     llm.get_input_embeddings().weight = nn.Parameter(embedding.to(dtype), requires_grad=False)
     model.llm = llm
     del torch_llm
-    cast_around_llm(model, mode)
+    cast_components(model, mode)  # the rest as PyTorch's mode has it
     model.config.quant = mode
     model.freeze_as_official()
     return model
 
-
-def cast_around_llm(model, mode: str) -> None:
-    dtype = AROUND_LLM_DTYPE[mode]
-    if dtype is not None:
-        for name in AROUND_LLM:
-            cast_weights(getattr(model, name), dtype)

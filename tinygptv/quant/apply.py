@@ -57,7 +57,7 @@ def quantize_model(model, mode: str, device: torch.device | str | None = None):
     if model.config.quant != "none":
         raise ValueError(f"the model is already quantized ({model.config.quant}); load the unquantized one")
     model.merge_lora()
-    _cast_components(model, mode)
+    cast_components(model, mode)
     make = quantized_layer_maker(mode, device)
     if make is not None:
         _swap_linears(model.llm, mode, make)
@@ -80,13 +80,15 @@ def prepare_for_quantized_weights(model, mode: str) -> None:
     if mode in BNB_MODES:
         raise ValueError(f"a model saved as {mode} cannot be loaded: bitsandbytes quantizes when the weights reach the "
                          f"device, so load the unquantized model with --quant {mode}")
-    _cast_components(model, mode)
+    cast_components(model, mode)
     if mode in QUANTIZED_LINEAR:
         cls = QUANTIZED_LINEAR[mode]
         _swap_linears(model.llm, mode, lambda lin: cls(lin.in_features, lin.out_features, lin.bias is not None))
 
 
-def _cast_components(model, mode: str) -> None:
+def cast_components(model, mode: str) -> None:
+    """Each component's unquantized tensors in the mode's dtype (COMPONENT_DTYPES; a mode without an entry keeps
+    what was loaded)."""
     for name, dtype in COMPONENT_DTYPES.get(mode, {}).items():
         cast_weights(getattr(model, name), dtype)
 
