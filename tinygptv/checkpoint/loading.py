@@ -121,7 +121,7 @@ def _read(name: str, dtype, quant: str, merge_lora: bool, quiet: bool, device: t
         quantize_model(model, quant, device)
     elif quant not in ("none", model.config.quant):
         raise ValueError(f"{name} is saved quantized as {model.config.quant}; it cannot be loaded as {quant}")
-    return model.merge_lora() if merge_lora else model
+    return model
 
 
 # --- --backend: the LLM in an inference engine ----------------------------------------------------------------------
@@ -152,7 +152,7 @@ def _read_with_engine(name: str, dtype, quant: str, backend: str, quiet: bool) -
         if model_dir is None:
             llm = random_llm(config.llm, source)
         else:
-            llm = load_pretrained(model_dir, dtype=None if source == torch.float32 else source).merge_lora().llm
+            llm = load_pretrained(model_dir, dtype=None if source == torch.float32 else source, merge_lora=True).llm
         convert(folder, llm, quant)
         del llm
     llm = engine_llm(folder, config.llm, AROUND_LLM_DTYPE[quant] or dtype)
