@@ -20,6 +20,17 @@ def fixed_length_kwargs(llm: LLMConfig, new_tokens: int) -> dict:
     return settings.generate_kwargs(llm, tokenizer=None, end_sym="")
 
 
+def time_first_answer(answer: Callable[[int, TokenTimer], object], *, new_tokens: int, device) -> dict:
+    """The first whole answer after loading, timed before anything else runs: what a one-shot `ask` waits for after
+    the load. It carries the one-time costs later answers do not: OpenVINO rearranges its int4 weights for its kernels
+    at the first inference (seconds for Phi-2), and PyTorch and oneDNN pick and build their kernels."""
+    sync(device)
+    start = time.perf_counter()
+    answer(new_tokens, TokenTimer())
+    sync(device)
+    return {"first_answer_s": time.perf_counter() - start}
+
+
 def time_answers(answer: Callable[[int, TokenTimer], object], *, new_tokens: int, warmup: int, repeats: int,
                  device) -> dict:
     """Run `answer(n, timer)` (one whole answer: encode, build the prompt, generate n tokens; it calls

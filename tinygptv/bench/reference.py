@@ -12,7 +12,7 @@ import transformers
 from torch import nn
 
 from tinygptv.bench.cost import encode_flops
-from tinygptv.bench.generation import fixed_length_kwargs, time_answers
+from tinygptv.bench.generation import fixed_length_kwargs, time_answers, time_first_answer
 from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
 from tinygptv.bench.workload import (
     WEIGHT_BYTES_SOURCE, bench_config, common_row, image_pixels, logits_to_keep, prefill_length, time_encode,
@@ -70,7 +70,15 @@ def measure_reference(spec: dict, log) -> dict:
     row = common_row(spec, config, tower, flops, load_s, rss_after_load, quant="reference",
                      llm_class=STOCK_LLMS[config.llm.name], llm_dtype="float32", attn_implementation="eager",
                      vision_dtype="float32", lora_r=0)
+
+    def answer(n, timer):
+        encoder.encode_image(pixels)  # the stock LLM takes token ids; the image is encoded for the time only
+        timer.begin()
+        llm.generate(input_ids=ids, attention_mask=mask, **fixed_length_kwargs(config.llm, n), streamer=timer)
+
     with torch.inference_mode():
+        log(f"the first answer of {new_tokens} tokens")
+        row.update(time_first_answer(answer, new_tokens=new_tokens, device=device))
         log(f"encoding (fp32): {warmup} warm-up + {repeats} timed images")
         row.update(time_encode(lambda: encoder.encode_image(pixels), flops, spec, device))
 
@@ -81,11 +89,6 @@ def measure_reference(spec: dict, log) -> dict:
         row.update(prompt_text_tokens=spec["prompt_tokens"], prefill_tokens=length, prefill_s=median(runs),
                    prefill_runs_s=runs, prefill_tok_s=length / median(runs),
                    prefill_method="one stock LLM forward over token ids (use_cache=True, last-position logits)")
-
-        def answer(n, timer):
-            encoder.encode_image(pixels)  # the stock LLM takes token ids; the image is encoded for the time only
-            timer.begin()
-            llm.generate(input_ids=ids, attention_mask=mask, **fixed_length_kwargs(config.llm, n), streamer=timer)
 
         log(f"answers of {new_tokens} tokens: {warmup} warm-up + {repeats} timed")
         row.update(time_answers(answer, new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device))

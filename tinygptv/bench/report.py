@@ -72,6 +72,7 @@ def machine_lines(machine: dict) -> list[str]:
 COLUMNS = (
     ("mode", "<", lambda r: r["mode"]),
     ("load s", ">", lambda r: _num(r["load_s"], ".1f")),
+    ("1st answer s", ">", lambda r: _num(r.get("first_answer_s"), ".2f")),
     ("encode s/img", ">", lambda r: _num(r["encode_s"], ".3f")),
     ("enc GFLOP/s", ">", lambda r: _num(r.get("encode_gflop_s"), ".1f")),
     ("enc %GEMM", ">", lambda r: _pct(r.get("encode_fraction")) + (f" {r['encode_gemm']}"

@@ -8,7 +8,7 @@ import time
 import torch
 
 from tinygptv.bench.cost import encode_flops
-from tinygptv.bench.generation import fixed_length_kwargs, time_answers
+from tinygptv.bench.generation import fixed_length_kwargs, time_answers, time_first_answer
 from tinygptv.bench.timing import median, memory_report, peak_rss_bytes, sync, time_runs
 from tinygptv.checkpoint.loading import engine_target, load_model, model_config
 from tinygptv.checkpoint.release import PRESET_PREFIX, requested_preset
@@ -151,15 +151,24 @@ def measure_tinygptv(spec: dict, log) -> dict:
     row = common_row(spec, config, tower, flops, load_s, rss_after_load, quant=spec["quant"], backend=backend,
                      llm_dtype=str(model.llm_dtype).removeprefix("torch."), vision_dtype=first_float_dtype(tower),
                      lora_r=config.lora.r)
+    prompt = IMAGE_PLACEHOLDER + filler_text(model.tokenize, spec["prompt_tokens"])
+    add_bos = config.prompt.bos_at_inference
+
+    def build():
+        return model.build_inputs([prompt], model.encode_image(pixels), add_bos=add_bos, padding_side="left")
+
+    def answer(n, timer):
+        step_inputs = build()  # encode + splice: `ask` does both for its question
+        timer.begin()
+        out = model.llm.generate(inputs_embeds=step_inputs.inputs_embeds, attention_mask=step_inputs.attention_mask,
+                                 **fixed_length_kwargs(config.llm, n), streamer=timer)
+        model.tokenizer.batch_decode(out, skip_special_tokens=True)
+
     with torch.inference_mode():
+        log(f"the first answer of {new_tokens} tokens")
+        row.update(time_first_answer(answer, new_tokens=new_tokens, device=device))
         log(f"encoding: {warmup} warm-up + {repeats} timed images")
         row.update(time_encode(lambda: model.encode_image(pixels), flops, spec, device))
-
-        prompt = IMAGE_PLACEHOLDER + filler_text(model.tokenize, spec["prompt_tokens"])
-        add_bos = config.prompt.bos_at_inference
-
-        def build():
-            return model.build_inputs([prompt], model.encode_image(pixels), add_bos=add_bos, padding_side="left")
 
         inputs = build()
         length = inputs.inputs_embeds.shape[1]
@@ -170,14 +179,6 @@ def measure_tinygptv(spec: dict, log) -> dict:
                          warmup=warmup, repeats=repeats, device=device)
         row.update(prompt_text_tokens=spec["prompt_tokens"], prefill_tokens=length, prefill_s=median(runs),
                    prefill_runs_s=runs, prefill_tok_s=length / median(runs), prefill_method=PREFILL_METHOD)
-
-        def answer(n, timer):
-            step_inputs = build()  # encode + splice: `ask` does both for its question
-            timer.begin()
-            out = model.llm.generate(inputs_embeds=step_inputs.inputs_embeds,
-                                     attention_mask=step_inputs.attention_mask,
-                                     **fixed_length_kwargs(config.llm, n), streamer=timer)
-            model.tokenizer.batch_decode(out, skip_special_tokens=True)
 
         log(f"answers of {new_tokens} tokens: {warmup} warm-up + {repeats} timed")
         row.update(time_answers(answer, new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device))
