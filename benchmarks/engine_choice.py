@@ -25,10 +25,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from tinygptv.config import LLMConfig
-from tinygptv.engine.attach import random_llm
-from tinygptv.engine.openvino_export import export_llm
-from tinygptv.engine.openvino_llm import EngineState, compile_llm
+from tinygptv.config import LLMConfig, TinyGPTVConfig
+from tinygptv.engine.attach import random_part
+from tinygptv.engine.openvino_export import LLM_XML, export_llm
+from tinygptv.engine.openvino_compile import compile_file
+from tinygptv.engine.openvino_llm import EngineState
 from tinygptv.engine.step import INPUT_NAMES, LLMStep, example_inputs, kv_names, kv_shape
 from tinygptv.quant.cpu_linear import Int4Linear
 
@@ -90,7 +91,7 @@ def measure_torch_int4(llm: nn.Module, embeds, steps, repeats: int) -> dict:
 
 
 def measure_openvino(folder: Path, llm_config, settings: dict, threads: int, embeds, steps, repeats: int) -> dict:
-    compiled = compile_llm(folder, "int4", threads, overrides=settings)
+    compiled = compile_file(folder, LLM_XML, "int4", threads, overrides=settings)
     heads, head_dim = kv_shape(llm_config)
     prompt_len = embeds.shape[1]
     last = torch.tensor([prompt_len - 1])
@@ -196,7 +197,7 @@ def main() -> None:
               flush=True)
 
     # ONNX is exported from fp32 weights; without it, bf16 weights halve the memory (a whole model fits: --layers 32)
-    llm = random_llm(config, torch.float32 if not args.no_onnxruntime else torch.bfloat16)
+    llm = random_part(TinyGPTVConfig(llm=config), "llm", torch.float32 if not args.no_onnxruntime else torch.bfloat16)
     llm_config = llm.config
     print(f"exporting {args.layers} full-width layers ...", flush=True)
     if not args.no_onnxruntime:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from tinygptv.checkpoint.native import load_pretrained
 from tinygptv.checkpoint.release import RELEASES, release_model_dir, requested_preset
 from tinygptv.config import CONFIG_NAME, DEFAULT_MODEL, TinyGPTVConfig, preset
 from tinygptv.data.tokenizer import byte_level_tokenizer
-from tinygptv.engine.attach import AROUND_LLM_DTYPE, SOURCE_DTYPE, convert, engine_llm, random_llm
+from tinygptv.engine.attach import AROUND_LLM_DTYPE, ENGINE_PARTS, SOURCE_DTYPE, convert, engine_parts, random_part
 from tinygptv.engine.backends import TORCH, check_backend
 from tinygptv.engine.store import EngineFolder, engine_folder
 from tinygptv.model.tinygptv import TinyGPTV
@@ -140,29 +141,32 @@ def engine_target(name: str, backend: str, quant: str) -> tuple[Path | None, Tin
 
 
 def _read_with_engine(name: str, dtype, quant: str, backend: str, quiet: bool) -> TinyGPTV:
-    """The model with its LLM converted once for `backend` and the rest in PyTorch. A first load converts: the LLM
-    alone is built or read (bf16 for int8 / int4), exported and dropped. Every load then reads the model without its
-    LLM layers, so PyTorch never holds them."""
+    """The model with its vision tower and LLM converted once for `backend` and the rest in PyTorch. A first load
+    converts: the two parts alone are built or read (bf16 for int8 / int4), exported and dropped. Every load then
+    reads the model without them, so PyTorch never holds their weights."""
     model_dir, config, folder = engine_target(name, backend, quant)
     if not folder.complete():
         if not quiet:
-            print(f"converting the language model of {name} for --backend {backend} --quant {quant} (once; kept in "
-                  f"{folder.path})", file=sys.stderr)
+            print(f"converting the vision tower and language model of {name} for --backend {backend} --quant "
+                  f"{quant} (once; kept in {folder.path})", file=sys.stderr)
         source = SOURCE_DTYPE[quant]
         if model_dir is None:
-            llm = random_llm(config.llm, source)
+            parts = {part: partial(random_part, config, part, source) for part in ENGINE_PARTS}
         else:
-            llm = load_pretrained(model_dir, dtype=None if source == torch.float32 else source, merge_lora=True).llm
-        convert(folder, llm, quant)
-        del llm
-    llm = engine_llm(folder, config.llm, AROUND_LLM_DTYPE[quant] or dtype)
+            whole = load_pretrained(model_dir, dtype=None if source == torch.float32 else source, merge_lora=True)
+            held = {part: getattr(whole, part) for part in ENGINE_PARTS}
+            del whole
+            parts = {part: partial(held.pop, part) for part in ENGINE_PARTS}  # each freed once exported
+        convert(folder, quant, parts)
+        del parts
+    engine = engine_parts(folder, config, AROUND_LLM_DTYPE[quant] or dtype)
     if model_dir is None:
         if not quiet:
             print(f"note: {name!r} is a preset: its weights are random, so its answers are noise.", file=sys.stderr)
         around = "none" if AROUND_LLM_DTYPE[quant] is None else "bf16"  # the dtypes these modes give the rest
-        model = build_random_quantized(config, around, byte_level_tokenizer(), llm=llm)
+        model = build_random_quantized(config, around, byte_level_tokenizer(), engine=engine)
     else:
-        model = load_pretrained(model_dir, dtype=AROUND_LLM_DTYPE[quant] or dtype, llm=llm)
+        model = load_pretrained(model_dir, dtype=AROUND_LLM_DTYPE[quant] or dtype, engine=engine)
     model.config.quant = quant
     return model
 

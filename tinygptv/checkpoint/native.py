@@ -78,7 +78,7 @@ def write_model_files(model: TinyGPTV, folder: Path, *, trainable_only: bool = F
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
-                    dtype: torch.dtype | None = None, llm: torch.nn.Module | None = None,
+                    dtype: torch.dtype | None = None, engine: dict[str, torch.nn.Module] | None = None,
                     merge_lora: bool = False) -> TinyGPTV:
     """A folder of ours or a Hub id, ready for inference (eval mode, TinyGPT-V's trainable set marked). Built on the
     meta device and filled from the file, so loading never holds a second, randomly initialised copy of the weights.
@@ -87,24 +87,27 @@ def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = N
     merge_lora: LoRA folded into the weights as they are read (the model is built without adapter modules; the same
     weights as merging after loading).
 
-    `llm` (an inference engine's LM, its tensors on the meta device, LoRA merged into it) takes the place of the
-    config's LM before anything is read: only the tensors the model then has are read (the LM's embedding table, not
-    its layers), so the engine's model never passes through memory in PyTorch form."""
+    `engine` (an inference engine's parts by attribute name: its vision tower and LM, their tensors on the meta
+    device, LoRA merged into the LM) take the place of the config's before anything is read: only the tensors the
+    model then has are read (the LM's embedding table; nothing of the tower), so what the engine runs never passes
+    through memory in PyTorch form."""
     directory = resolve_model_dir(name_or_path, revision)
-    llm_keys = {f"llm.{k}" for k in llm.state_dict()} if llm is not None else None
+    engine = engine or {}
+    wanted = {name: {f"{name}.{k}" for k in part.state_dict()} for name, part in engine.items()}
 
     def keep(key: str) -> bool:
-        return not key.startswith("llm.") or key in llm_keys
+        part = key.split(".", 1)[0]
+        return part not in wanted or key in wanted[part]
 
-    config, state = collect_state(directory, keep=keep if llm is not None else None)
-    if merge_lora and llm is None and config.lora.r > 0:
+    config, state = collect_state(directory, keep=keep if engine else None)
+    if merge_lora and not engine and config.lora.r > 0:
         state = merge_lora_into_state(state, config.lora)
-    if merge_lora or llm is not None:
+    if merge_lora or engine:
         config.lora.r = 0
     with torch.device("meta"):
         model = TinyGPTV(config, load_tokenizer(directory))
-    if llm is not None:
-        model.llm = llm
+    for name, part in engine.items():
+        setattr(model, name, part)
     if config.quant != "none":
         prepare_for_quantized_weights(model, config.quant)
     elif dtype is not None:

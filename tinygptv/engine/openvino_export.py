@@ -53,20 +53,20 @@ class _ReadAsFloat32(nn.Module):
 
 
 @contextmanager
-def weights_read_as_float32(llm: nn.Module):
-    """Within the block, every bf16 / fp16 parameter of `llm` reads as fp32 (the module is traced there); afterwards
+def weights_read_as_float32(module: nn.Module):
+    """Within the block, every bf16 / fp16 parameter of `module` reads as fp32 (it is traced there); afterwards
     they are plain parameters again. Converting from a bf16 LLM halves the memory of a conversion (5.6 GB instead of
     11 for Phi-2), and the int8 / int4 codes made from bf16 weights are those of the fp32 weights up to bf16's
     rounding, far below theirs."""
-    cast = [(module, name) for module in llm.modules() for name, param in module.named_parameters(recurse=False)
+    cast = [(owner, name) for owner in module.modules() for name, param in owner.named_parameters(recurse=False)
             if param.is_floating_point() and param.dtype != torch.float32]
-    for module, name in cast:
-        parametrize.register_parametrization(module, name, _ReadAsFloat32(), unsafe=True)
+    for owner, name in cast:
+        parametrize.register_parametrization(owner, name, _ReadAsFloat32(), unsafe=True)
     try:
-        yield llm
+        yield module
     finally:
-        for module, name in cast:
-            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        for owner, name in cast:
+            parametrize.remove_parametrizations(owner, name, leave_parametrized=False)
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 # TinyGPTV.generate, stream_generate, eval's batched paths and the quantize report drive it like the PyTorch LLM.
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,33 +11,9 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from tinygptv.engine.openvino_compile import compile_file
 from tinygptv.engine.openvino_export import LLM_BIN, LLM_XML, import_openvino
 from tinygptv.engine.step import kv_shape
-
-# How the CPU plugin runs each mode. fp32 is the parity reference: fp32 arithmetic and K/V, no activation
-# quantization. The compressed modes take OpenVINO's own choices for the CPU it finds (on CPUs with bf16: bf16
-# activations, u8 K/V, activations quantized in groups of 32 inside the int4/int8 matmuls), which decoded fastest of
-# the settings benchmarks/engine_choice.py tries, at a cost in answers within PyTorch's own int8 (quantize's report on
-# TinyGPT-V-nano, docs/quantization.md).
-FP32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
-RUNTIME_CONFIG = {"none": FP32, "int8": {}, "int4": {}}
-
-
-COMPILED_DIR = "compiled"  # inside an engine folder: OpenVINO's cache of the model compiled for this CPU
-
-
-def compile_llm(folder: Path, mode: str, threads: int | None = None, overrides: dict | None = None):
-    """The engine folder's llm.xml compiled for this machine's CPU, `threads` threads (default: torch's count).
-    OpenVINO keeps the compiled model in folder/compiled (keyed by the model, the settings, the CPU and its own
-    version) when the folder is writable: a later load imports it instead of compiling, 0.15 s instead of 1.3-2 s
-    for full-size int8, at the cost of about the model's size on disk."""
-    ov = import_openvino()
-    config = {**RUNTIME_CONFIG[mode], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
-              "INFERENCE_NUM_THREADS": str(threads or torch.get_num_threads()), **(overrides or {})}
-    if os.access(folder, os.W_OK | os.X_OK):
-        config["CACHE_DIR"] = str(Path(folder) / COMPILED_DIR)
-    return ov.Core().compile_model(str(Path(folder) / LLM_XML), "CPU", config)
-
 
 class EngineState:
     """The K/V cache of one generation, kept inside the engine: an infer request of its own (so two generations never
@@ -157,7 +132,7 @@ def load_openvino_llm(folder: Path, llm_config, mode: str, embed_dtype: torch.dt
                       threads: int | None = None) -> OpenVINOCausalLM:
     """The engine LLM of a converted folder, its embedding table on the meta device (the model's loader fills it).
     llm_config: the transformers config of the PyTorch LLM it replaces (phi_config / llama_config)."""
-    compiled = compile_llm(folder, mode, threads)
+    compiled = compile_file(folder, LLM_XML, mode, threads)
     with torch.device("meta"):
         llm = OpenVINOCausalLM(llm_config, compiled, mode)
     llm.model.embed_tokens.to(dtype=embed_dtype)

@@ -19,7 +19,7 @@ ENGINE_DIR = "engine"  # inside a model folder: its conversions, dropped when th
 CACHE_SUBDIR = "engines"  # in cache_dir(): conversions of presets, bundled models and Hub ids
 META = "engine.json"  # written last: its presence marks a complete conversion
 # Bump when the exported graph changes, so conversions made by an older tinygptv are not reused.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: the vision tower is converted too (vision.xml)
 ENGINE_PACKAGES = {"openvino": ("openvino", "nncf")}
 
 

@@ -106,12 +106,12 @@ def _swap_linears(root: nn.Module, mode: str, make) -> int:
 
 
 def build_random_quantized(config, mode: str, tokenizer=None, device: torch.device | str = "cpu",
-                           llm: nn.Module | None = None):
+                           engine: dict[str, nn.Module] | None = None):
     """A preset with random weights, materialised one module at a time in its final dtype and quantized at once, so
     the peak memory of building is the quantized model's size, not the fp32 model's (an 8 GB machine cannot hold
-    the 15.6 GB fp32 TinyGPT-V first). LoRA is left out: a merged adapter costs nothing at inference. `llm` (an
-    inference engine's LM, its tensors on the meta device) takes the place of the config's LM before anything is
-    materialised: only its own tensors (the embedding table) are then filled."""
+    the 15.6 GB fp32 TinyGPT-V first). LoRA is left out: a merged adapter costs nothing at inference. `engine` (an
+    inference engine's parts by attribute name, their tensors on the meta device) take the place of the config's
+    before anything is materialised: only their own tensors (the LM's embedding table) are then filled."""
     device = torch.device(device)
     check_mode(mode, device)
     make = quantized_layer_maker(mode, device)
@@ -119,8 +119,8 @@ def build_random_quantized(config, mode: str, tokenizer=None, device: torch.devi
     config.lora.r = 0
     with torch.device("meta"):
         model = TinyGPTV(config, tokenizer)
-    if llm is not None:
-        model.llm = llm
+    for name, part in (engine or {}).items():
+        setattr(model, name, part)
     dtypes = COMPONENT_DTYPES.get(mode, dict.fromkeys(COMPONENTS, F32))
     fill = RepeatedNoise()
     # Names, not modules: a list of the modules would keep every replaced full-precision Linear alive to the end.

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinygptv.config import VisionConfig
+from tinygptv.model.vision.pixels import check_image_size
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) of the seven stages; 16 blocks in all.
 LITE0_STAGES = (
@@ -123,10 +124,7 @@ class EfficientNetLite0(nn.Module):
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"expected images of {self.image_size}x{self.image_size} px, got {tuple(pixel_values.shape[-2:])}"
-            )
+        check_image_size(pixel_values, self.image_size)
         pixel_values = pixel_values.to(self._conv_stem.weight.dtype)
         grid = self.feature_grid(pixel_values)  # [B, 1280, g, g]
         return grid.flatten(2).transpose(1, 2)  # [B, g*g, 1280], row-major over the grid

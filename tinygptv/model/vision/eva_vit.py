@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinygptv.config import VisionConfig
+from tinygptv.model.vision.pixels import check_image_size
 
 
 class EvaPatchEmbed(nn.Module):
@@ -98,10 +99,7 @@ class EvaViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"expected images of {self.image_size}x{self.image_size} px, got {tuple(pixel_values.shape[-2:])}"
-            )
+        check_image_size(pixel_values, self.image_size)
         # Follow the weights' dtype so the tower also runs after .to(torch.bfloat16) / .half().
         pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)  # [B, 3, S, S]
         patches = self.patch_embed(pixel_values)  # [B, (S/p)^2, width]
