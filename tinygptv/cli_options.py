@@ -50,9 +50,9 @@ def add_precision_args(p: argparse.ArgumentParser) -> None:
 
 def add_backend_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=TORCH,
-                   help=f"what runs the language model: torch (default, the reference) or openvino (CPU, "
-                        f"--quant {' / '.join(ENGINE_MODES[OPENVINO])}: converted once and kept beside the model; "
-                        f"needs {INSTALL[OPENVINO]}). Example: --backend openvino --quant int4 "
+                   help=f"what runs the vision tower and language model: torch (default, the reference) or "
+                        f"openvino (CPU, --quant {' / '.join(ENGINE_MODES[OPENVINO])}: converted once and kept "
+                        f"beside the model; needs {INSTALL[OPENVINO]}). Example: --backend openvino --quant int4 "
                         "(docs/quantization.md)")
 
 

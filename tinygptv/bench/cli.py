@@ -66,9 +66,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "default: the modes for --device: PyTorch's int8 / int4 / int8-dynamic kernels on the CPU, "
                         "bitsandbytes on CUDA)")
     p.add_argument("--backend", type=name_list(BACKENDS, "backend"), default=[TORCH],
-                   help="comma-separated: what runs the LLM, torch (default) and/or openvino; each runs the --quant "
-                        f"modes it has (openvino: {', '.join(ENGINE_MODES['openvino'])}; without --quant, "
-                        f"{' and '.join(ENGINE_DEFAULT_MODES)}). Example: --quant int4,int8-dynamic "
+                   help="comma-separated: what runs the vision tower and LLM, torch (default) and/or openvino; each "
+                        f"runs the --quant modes it has (openvino: {', '.join(ENGINE_MODES['openvino'])}; without "
+                        f"--quant, {' and '.join(ENGINE_DEFAULT_MODES)}). Example: --quant int4,int8-dynamic "
                         "--backend torch,openvino")
     p.add_argument("--image-size", type=_at_least(1), default=None,
                    help="image size in px (presets only; default: the model's)")

@@ -149,7 +149,8 @@ def measure_tinygptv(spec: dict, log) -> dict:
     flops = encode_flops(config, tower.num_tokens, tower.num_features)
     backend = spec.get("backend", TORCH)
     row = common_row(spec, config, tower, flops, load_s, rss_after_load, quant=spec["quant"], backend=backend,
-                     llm_dtype=str(model.llm_dtype).removeprefix("torch."), vision_dtype=first_float_dtype(tower),
+                     llm_dtype=str(model.llm_dtype).removeprefix("torch."),
+                     vision_dtype=getattr(tower, "engine_precision", None) or first_float_dtype(tower),
                      lora_r=config.lora.r)
     prompt = IMAGE_PLACEHOLDER + filler_text(model.tokenize, spec["prompt_tokens"])
     add_bos = config.prompt.bos_at_inference

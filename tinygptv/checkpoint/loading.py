@@ -88,7 +88,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, q
     folder saved by `tinygptv quantize` is already in it. merge_lora folds LoRA into the weights: the same answers
     without the adapter's extra matmuls (quantizing always merges). The model is read on the CPU and then moved to
     `device`; bitsandbytes layers are quantized on the device one by one, so it never holds the 16-bit LLM.
-    `backend` (tinygptv.engine.backends.BACKENDS) runs the LLM in an inference engine instead of PyTorch."""
+    `backend` (tinygptv.engine.backends.BACKENDS) runs the vision tower and LLM in an inference engine instead of
+    PyTorch."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
@@ -125,7 +126,7 @@ def _read(name: str, dtype, quant: str, merge_lora: bool, quiet: bool, device: t
     return model
 
 
-# --- --backend: the LLM in an inference engine ----------------------------------------------------------------------
+# --- --backend: the vision tower and LLM in an inference engine -------------------------------------------------------
 
 def engine_target(name: str, backend: str, quant: str) -> tuple[Path | None, TinyGPTVConfig, EngineFolder]:
     """(model folder or None for a preset, its config, where its conversion for backend / quant lives): inside the
