@@ -20,7 +20,8 @@ BROKEN_MODEL = "no-such-folder/anywhere/model"
 POSITIVE = ("load_s", "first_answer_s", "encode_s", "prefill_s", "prefill_tok_s", "decode_tok_s", "decode_step_ms",
             "first_token_s", "e2e_s", "weight_bytes_per_token", "peak_rss_bytes", "peak_rss_after_load_bytes",
             "achieved_gb_s", "bound_tok_s", "decode_fraction_of_bound", "encode_gflop", "encode_gflop_s",
-            "encode_fraction", "encode_fraction_of_bf16_gemm", "speedup_decode", "speedup_prefill", "speedup_encode", "speedup_e2e")
+            "encode_fraction", "encode_fraction_of_bf16_gemm", "speedup_decode", "speedup_prefill", "speedup_encode",
+            "speedup_e2e")
 
 
 @pytest.mark.slow
