@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from tinygptv.bench import runner
 from tinygptv.bench.cost import encode_flops
 from tinygptv.bench.report import derive
+from tinygptv.bench.timing import resident_split
 from tinygptv.cli import main
 from tinygptv.config import preset
 from tinygptv.model.tinygptv import TinyGPTV
@@ -107,3 +110,16 @@ def test_encode_flops_match_torch_flop_counter():
 def test_a_killed_worker_is_named():
     assert "SIGKILL" in runner.exit_reason(-9) and "out-of-memory" in runner.exit_reason(-9)
     assert "status 3" in runner.exit_reason(3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status is Linux's")
+def test_resident_split_counts_a_mapped_file_as_file_pages(tmp_path):
+    """An engine's weight files are mapped: their pages must be reported apart from the process's own memory."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\1" * (64 << 20))
+    before = resident_split()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == len(mapped) // 4096  # touch every page
+        during = resident_split()
+    assert during["rss_file_bytes"] - before["rss_file_bytes"] >= 60 << 20
+    assert abs(during["rss_anon_bytes"] - before["rss_anon_bytes"]) < 32 << 20

@@ -109,6 +109,10 @@ def format_table(result: dict) -> str:
         if not r.get("ok"):
             lines.append(f"{r['mode']}: FAILED: {r['error']}")
     for r in ok:
+        if r.get("backend", "torch") != "torch" and r.get("rss_file_bytes") is not None:
+            lines.append(f"{r['mode']}: resident at the end {r['rss_anon_bytes'] / 1e9:.2f} GB anonymous + "
+                         f"{r['rss_file_bytes'] / 1e9:.2f} GB of mapped files (the engine's weight files, kept after "
+                         "it repacked them: the kernel can drop those pages under memory pressure)")
         if r.get("first_load"):
             first = r["first_load"]
             what = "converting" if first["converted"] else "the conversion was already cached"

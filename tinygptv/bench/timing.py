@@ -78,8 +78,20 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def resident_split() -> dict:
+    """Resident memory now, split into anonymous pages (the process's own: only swap could take them) and pages of
+    mapped files (an engine maps its weight files: clean copies the kernel drops under memory pressure and reads
+    again if they are touched). Linux only; empty elsewhere."""
+    try:
+        lines = open("/proc/self/status").read().splitlines()
+    except OSError:
+        return {}
+    fields = {"RssAnon:": "rss_anon_bytes", "RssFile:": "rss_file_bytes"}
+    return {fields[parts[0]]: int(parts[1]) * 1024 for parts in map(str.split, lines) if parts and parts[0] in fields}
+
+
 def memory_report(device: torch.device | str) -> dict:
-    out = {"peak_rss_bytes": peak_rss_bytes()}
+    out = {"peak_rss_bytes": peak_rss_bytes(), **resident_split()}
     if torch.device(device).type == "cuda":
         out["peak_vram_bytes"] = int(torch.cuda.max_memory_allocated())
     return out
