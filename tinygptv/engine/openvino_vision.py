@@ -12,12 +12,11 @@ from tinygptv.engine.openvino_compile import compile_file
 from tinygptv.engine.openvino_export import compress_weights, import_openvino, quiet_tracing
 from tinygptv.model.vision.pixels import check_image_size
 
-VISION_XML = "vision.xml"
-VISION_BIN = "vision.bin"
+VISION_XML = "vision.xml"  # and vision.bin beside it
 # The tower's weights per --quant mode. int4 keeps int8 here: the tower reads each weight once per image, so it is
 # bound by arithmetic, not memory, and OpenVINO's int8 matmuls (activations quantized inside them, VNNI) encoded
-# EVA ViT-g 1.2-1.4x faster than PyTorch's bf16 on our CPU, with the same features (docs/quantization.md). 4-bit
-# codes would save memory only, at a cost in features that every answer starts from.
+# EVA ViT-g 1.26x faster than PyTorch's bf16 on our CPU (docs/quantization.md), with nano's easy-VQA score unchanged.
+# 4-bit codes would save memory only, at a cost in the features every answer starts from.
 VISION_MODE = {"none": "none", "int8": "int8", "int4": "int8"}
 
 
