@@ -26,7 +26,7 @@ from tinygptv.engine import openvino_export  # noqa: E402
 from tinygptv.engine.attach import attach_engine  # noqa: E402
 from tinygptv.engine.backends import check_backend  # noqa: E402
 from tinygptv.engine.openvino_compile import COMPILED_DIR  # noqa: E402
-from tinygptv.engine.openvino_llm import OpenVINOCausalLM  # noqa: E402
+from tinygptv.engine.openvino_llm import EngineState, OpenVINOCausalLM  # noqa: E402
 from tinygptv.engine.openvino_vision import OpenVINOVisionTower  # noqa: E402
 from tinygptv.engine.store import ENGINE_DIR, META, EngineFolder, engine_folder  # noqa: E402
 from tinygptv.eval.runner import generate_shared_prefix  # noqa: E402
@@ -181,6 +181,21 @@ def test_conversion_is_kept_beside_the_model_reused_and_dropped_on_save(tmp_path
     assert not (folder / ENGINE_DIR).exists()
     _, _, target = engine_target(str(folder), "openvino", "int4")
     assert target.path.name != converted.name and not target.complete()
+
+
+def test_loading_runs_the_engines_first_inference(cache, monkeypatch):
+    """OpenVINO rearranges int4 weights at a model's first inference: loading does it, with one token, so the first
+    answer of a chat or a server costs what later ones do."""
+    shapes = []
+    step = EngineState.step
+
+    def counted(self, embeds, *args):
+        shapes.append(tuple(embeds.shape))
+        return step(self, embeds, *args)
+
+    monkeypatch.setattr(EngineState, "step", counted)
+    model = load_model("preset:tiny", backend="openvino", quant="int4", quiet=True)
+    assert shapes == [(1, 1, model.config.llm.hidden_size)]
 
 
 def test_presets_and_the_cache(cache):

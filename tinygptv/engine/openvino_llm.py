@@ -137,4 +137,15 @@ def load_openvino_llm(folder: Path, llm_config, mode: str, embed_dtype: torch.dt
         llm = OpenVINOCausalLM(llm_config, compiled, mode)
     llm.model.embed_tokens.to(dtype=embed_dtype)
     llm.engine_weight_bytes = (Path(folder) / LLM_BIN).stat().st_size  # all of it is read for every token
+    warm_up(llm)
     return llm.eval()
+
+
+def warm_up(llm: OpenVINOCausalLM) -> None:
+    """One token through a cache of its own, then dropped. OpenVINO's CPU plugin rearranges compressed weights into
+    its kernels' layout at a model's first inference, not when compiling nor in its compiled-model cache: 8 s of a
+    first answer for int4 Phi-2 on 2 cores (docs/quantization.md). Done here, it is part of loading, and a chat's,
+    a server's or a demo's first answer costs what every later one does."""
+    one = torch.zeros(1, 1, dtype=torch.long)
+    EngineState(llm.compiled, 1, llm.kv_heads, llm.head_dim).step(
+        torch.zeros(1, 1, llm.config.hidden_size), torch.ones_like(one), one, one.view(1))
