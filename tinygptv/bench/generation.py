@@ -22,8 +22,8 @@ def fixed_length_kwargs(llm: LLMConfig, new_tokens: int) -> dict:
 
 def time_first_answer(answer: Callable[[int, TokenTimer], object], *, new_tokens: int, device) -> dict:
     """The first whole answer after loading, timed before anything else runs: what a one-shot `ask` waits for after
-    the load. It carries the one-time costs later answers do not: OpenVINO rearranges its int4 weights for its kernels
-    at the first inference (seconds for Phi-2), and PyTorch and oneDNN pick and build their kernels."""
+    the load. It carries the one-time costs later answers do not (PyTorch and oneDNN pick and build their kernels;
+    an engine's first-inference work, where OpenVINO rearranges its int4 weights, is done while loading)."""
     sync(device)
     start = time.perf_counter()
     answer(new_tokens, TokenTimer())
