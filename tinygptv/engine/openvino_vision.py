@@ -15,7 +15,7 @@ from tinygptv.model.vision.pixels import check_image_size
 VISION_XML = "vision.xml"  # and vision.bin beside it
 # The tower's weights per --quant mode. int4 keeps int8 here: the tower reads each weight once per image, so it is
 # bound by arithmetic, not memory, and OpenVINO's int8 matmuls (activations quantized inside them, VNNI) encoded
-# EVA ViT-g 1.26x faster than PyTorch's bf16 on our CPU (docs/quantization.md), with nano's easy-VQA score unchanged.
+# EVA ViT-g 1.1-1.3x faster than PyTorch's bf16 on our CPU (docs/quantization.md), nano's easy-VQA score unchanged.
 # 4-bit codes would save memory only, at a cost in the features every answer starts from.
 VISION_MODE = {"none": "none", "int8": "int8", "int4": "int8"}
 
