@@ -22,7 +22,7 @@ from tinygptv.checkpoint.native import save_pretrained  # noqa: E402
 from tinygptv.cli import main  # noqa: E402
 from tinygptv.data.image_processor import ImageProcessor  # noqa: E402
 from tinygptv.data.templates import single_prompt  # noqa: E402
-from tinygptv.engine import openvino_export  # noqa: E402
+from tinygptv.engine import attach, openvino_export  # noqa: E402
 from tinygptv.engine.attach import attach_engine  # noqa: E402
 from tinygptv.engine.backends import check_backend  # noqa: E402
 from tinygptv.engine.openvino_compile import COMPILED_DIR  # noqa: E402
@@ -170,8 +170,8 @@ def test_conversion_is_kept_beside_the_model_reused_and_dropped_on_save(tmp_path
         raise AssertionError("a cached conversion was converted again")
 
     monkeypatch.setattr(openvino_export, "export_llm", no_export)
-    monkeypatch.setattr("tinygptv.engine.attach.export_llm", no_export)
-    monkeypatch.setattr("tinygptv.engine.attach.export_vision", no_export)
+    for part in attach.EXPORTERS:
+        monkeypatch.setitem(attach.EXPORTERS, part, no_export)
     model = load_model(str(folder), backend="openvino", quant="int4", quiet=True)
     # of the LLM only the embedding table was read into PyTorch, of the vision tower nothing
     assert [k for k in model.state_dict() if k.startswith("llm.")] == ["llm.model.embed_tokens.weight"]

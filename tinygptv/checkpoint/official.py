@@ -11,9 +11,7 @@ from pathlib import Path
 import torch
 
 from tinygptv.atomic import check_output_dir, writing_dir
-from tinygptv.checkpoint.native import (
-    CONFIG_NAME, CheckpointError, is_model_entry, load_into, read_pth, write_model_files,
-)
+from tinygptv.checkpoint.native import CheckpointError, is_model_entry, load_into, read_pth, write_model_files
 from tinygptv.checkpoint.phi2 import (
     FileReport,
     Phi2Checkpoint,
@@ -26,6 +24,7 @@ from tinygptv.checkpoint.phi2 import (
     vote,
 )
 from tinygptv.config import (
+    CONFIG_NAME,
     LLMConfig,
     LoRAConfig,
     ProjectorConfig,

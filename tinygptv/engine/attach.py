@@ -25,12 +25,15 @@ from tinygptv.quant.apply import COMPONENT_DTYPES, cast_components
 # projections, the embedding table) in the dtype PyTorch's mode of the same name gives the LLM's tensors
 # (quant.apply.COMPONENT_DTYPES: bf16 for int8 / int4, as the rest; `none` keeps what was loaded).
 AROUND_LLM_DTYPE = {mode: COMPONENT_DTYPES.get(mode, {}).get("llm") for mode in ENGINE_MODES[OPENVINO]}
-# The precision the engine's parts are converted from: bf16 halves a conversion's memory for the compressed modes
-# (their codes differ from those of fp32 weights only by bf16 rounding); fp32 stays fp32, the parity reference.
+# The precision the engine's parts are read or built in for a conversion: bf16 halves a conversion's memory for the
+# compressed modes (the LLM is traced from it, its codes differing from those of fp32 weights only by bf16 rounding;
+# the tower is made fp32 first, see export_vision); fp32 stays fp32, the parity reference.
 SOURCE_DTYPE = {"none": torch.float32, "int8": torch.bfloat16, "int4": torch.bfloat16}
-# The parts of a TinyGPTV an engine runs (attribute names), in the order they are converted: the LLM first, so the
-# vision tower's fp32 copy (openvino_vision.export_vision) is made in the memory the LLM's conversion freed.
-ENGINE_PARTS = ("llm", "visual_encoder")
+# The parts of a TinyGPTV an engine runs (attribute names) and what exports each, in the order they are converted:
+# the LLM first, so the vision tower's fp32 copy (openvino_vision.export_vision) is made in the memory the LLM's
+# conversion freed.
+EXPORTERS = {"llm": export_llm, "visual_encoder": export_vision}
+ENGINE_PARTS = tuple(EXPORTERS)
 
 
 def convert(folder: EngineFolder, mode: str, parts: dict[str, Callable[[], nn.Module]]) -> None:
@@ -39,8 +42,8 @@ def convert(folder: EngineFolder, mode: str, parts: dict[str, Callable[[], nn.Mo
     exported (their weights are read as fp32 from then on: a part is consumed)."""
     if not folder.complete():
         def fill(staged):
-            export_llm(parts["llm"](), mode, staged)
-            export_vision(parts["visual_encoder"](), mode, staged)
+            for name, export in EXPORTERS.items():
+                export(parts[name](), mode, staged)
 
         folder.write(fill)
 

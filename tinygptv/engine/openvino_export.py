@@ -71,9 +71,10 @@ def weights_read_as_float32(module: nn.Module):
 
 @contextmanager
 def quiet_tracing():
-    """Tracing our LLM makes torch and transformers warn about what a trace cannot follow (Python booleans of
-    shapes, deprecated attributes walked by the tracer, an unset loss type): expected here, since the exported graph
-    is checked against PyTorch (tests/test_engine.py), and noise to a user whose first `ask` converts."""
+    """Tracing our LLM or vision tower makes torch and transformers warn about what a trace cannot follow (Python
+    booleans of shapes, deprecated attributes walked by the tracer, an unset loss type): expected here, since the
+    exported graph is checked against PyTorch (tests/test_engine.py), and noise to a user whose first `ask`
+    converts."""
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()

@@ -78,14 +78,14 @@ class EngineFolder:
     def complete(self) -> bool:
         return read_meta(self.path).get("key") == self.key
 
-    def write(self, fill: Callable[[Path], None], info: dict | None = None) -> None:
+    def write(self, fill: Callable[[Path], None]) -> None:
         """fill(staging folder) writes the engine's files; engine.json goes last, then the folder is swapped in and
         conversions this one supersedes are removed: those of the same model, backend and mode made by another
         engine version or export format. The cache holds many models' conversions side by side."""
         with writing_dir(self.path, lambda name: True, what="engine folder", marker=META) as staged:
             fill(staged)
             meta = {"key": self.key, "backend": self.backend, "mode": self.mode, "model": self.model,
-                    "versions": package_versions(self.backend), "export_format": EXPORT_FORMAT, **(info or {})}
+                    "versions": package_versions(self.backend), "export_format": EXPORT_FORMAT}
             write_json_atomic(staged / META, meta)
         mine = {"backend": self.backend, "mode": self.mode, "model": self.model}
         for old in self.path.parent.iterdir():
